@@ -9,7 +9,12 @@ from pathlib import Path
 from backend.golden.registry import KINDS, Case, Check
 
 # Modules whose import registers kind handlers. A family not written yet is simply absent.
-HANDLER_MODULES = ["backend.golden.flows", "backend.golden.decoders", "backend.golden.samplers"]
+HANDLER_MODULES = [
+    "backend.golden.flows",
+    "backend.golden.decoders",
+    "backend.golden.samplers",
+    "backend.golden.pipeline",
+]
 
 
 def load_handlers() -> None:
