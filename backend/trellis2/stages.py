@@ -12,11 +12,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from backend.trellis2.sampler import FlowEulerGuidanceSampler, SamplerParams, StepCallback
 from backend.trellis2.sparse import SparseTensor
+from backend.trellis2.ss_decoder import occupied_coords
 
 NoiseSource = Callable[[tuple[int, ...]], torch.Tensor]
 
@@ -62,11 +62,7 @@ def sample_sparse_structure(
     r = flow.resolution
     z = noise((cond.shape[0], flow.in_channels, r, r, r)).to(device)
     z = SAMPLER.sample(flow, z, cond, torch.zeros_like(cond), params, on_step).samples
-    occupied = decoder(z) > 0
-    if occupied.shape[2] != resolution:
-        ratio = occupied.shape[2] // resolution
-        occupied = F.max_pool3d(occupied.float(), ratio, ratio, 0) > 0.5
-    return torch.argwhere(occupied)[:, [0, 2, 3, 4]].int()
+    return occupied_coords(decoder(z), resolution)
 
 
 @torch.inference_mode()

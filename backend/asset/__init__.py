@@ -1,0 +1,1 @@
+"""O-Voxel -> mesh and PBR textures: dual-grid mesh extraction, then (later) cleanup, UV and baking."""

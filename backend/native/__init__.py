@@ -1,0 +1,62 @@
+"""Low-level ops (plain-torch references now; device kernels slot in next to them) and two helpers they share.
+
+`VoxelIndex` is the coordinate hash used by the sparse convolution's neighbour map and by mesh extraction;
+`compute_dtype` is the one rule for where a half-precision model torso really computes.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype in which a torso stored as `dtype` computes on `device`.
+
+    The reference runs its fp16 decoder torsos on the GPU in fp16, and so do we. On the CPU, torch's fp16
+    convolutions and matmuls run about 20x slower than fp32 ones, and fp32 is also the precision the golden
+    cases were recorded in, so an fp16 torso computes in fp32 there (its parameters stay stored in fp16).
+    bf16 is left alone: CPU bf16 is fast enough and the bf16 golden cases were recorded with it.
+    """
+    if device.type == "cpu" and dtype == torch.float16:
+        return torch.float32
+    return dtype
+
+
+class VoxelIndex:
+    """Maps integer voxel coordinates [N, D] to their row, by sorted int64 keys and binary search.
+
+    Works unchanged on CPU and GPU and needs no Python loop over voxels. Coordinates must be unique; a query
+    outside the bounding box of the indexed voxels, or not among them, maps to -1.
+    """
+
+    def __init__(self, coords: torch.Tensor) -> None:
+        coords = coords.long()
+        if coords.shape[0] == 0:  # an empty box: every lookup misses
+            self.low = torch.zeros(coords.shape[1], dtype=torch.long, device=coords.device)
+            self.high = self.low - 1
+        else:
+            self.low = coords.min(dim=0).values
+            self.high = coords.max(dim=0).values
+        extent = (self.high - self.low + 1).clamp_min(1)
+        if float(torch.prod(extent.double())) >= 2.0**62:
+            raise ValueError(f"voxel bounding box {extent.tolist()} is too large for 64-bit keys")
+        # Mixed-radix place values: the last coordinate varies fastest.
+        strides = torch.ones_like(extent)
+        for d in range(extent.numel() - 2, -1, -1):
+            strides[d] = strides[d + 1] * extent[d + 1]
+        self.strides = strides
+        self.sorted_keys, self.rows = torch.sort(self._keys(coords))
+
+    def _keys(self, coords: torch.Tensor) -> torch.Tensor:
+        return ((coords - self.low) * self.strides).sum(dim=1)
+
+    def lookup(self, queries: torch.Tensor) -> torch.Tensor:
+        """int64 [M]: the row of each query coordinate [M, D], or -1 where no voxel is there."""
+        queries = queries.long()
+        if self.sorted_keys.numel() == 0:
+            return torch.full((queries.shape[0],), -1, dtype=torch.long, device=queries.device)
+        inside = ((queries >= self.low) & (queries <= self.high)).all(dim=1)
+        keys = self._keys(queries)
+        pos = torch.searchsorted(self.sorted_keys, keys).clamp_max(self.sorted_keys.numel() - 1)
+        found = inside & (self.sorted_keys[pos] == keys)
+        return torch.where(found, self.rows[pos], torch.full_like(pos, -1))

@@ -1,0 +1,294 @@
+"""SC-VAE decoders (spec §2.5): sparse-conv U-Nets that grow a 32-channel latent on coarse voxels into fine voxels.
+
+from_latent (fp32) -> stages of SparseConvNeXtBlock3d, each but the last ending in a SparseResBlockC2S3d that
+splits every voxel into the children its subdivision logits select (x2 per axis) -> fp32 layer norm ->
+output_layer. The shape decoder (`FlexiDualGridVaeDecoder`) predicts the subdivisions and turns its 7 output
+channels into a mesh; the texture decoder (`SparseUnetVaeDecoder`, pred_subdiv=False) follows the shape
+decoder's subdivisions so both end on the same voxels in the same row order.
+
+With use_fp16, the Linear/conv parameters inside `blocks` are stored in fp16 and the torso computes in fp16
+(fp32 on CPU, see `compute_dtype`); LayerNorms always compute in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from backend.asset.dual_grid import flexible_dual_grid_to_mesh
+from backend.native import compute_dtype
+from backend.native.sparse_conv import build_neighbour_map, submanifold_conv3d
+from backend.trellis2.sparse import SparseTensor
+
+NEIGHBOUR_MAP_KEY = "submanifold_conv3d_3x3x3"
+MESH_AABB = ((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose parameters follow the activations' dtype (fp16 storage, fp32 compute on CPU)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
+
+
+class LayerNorm32(nn.LayerNorm):
+    """LayerNorm computed in fp32 and cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).to(x.dtype)
+
+
+def neighbour_map(x: SparseTensor) -> torch.Tensor:
+    """The 3x3x3 neighbour map of x's voxels, built once per voxel set and kept in its cache."""
+    if NEIGHBOUR_MAP_KEY not in x.cache:
+        x.cache[NEIGHBOUR_MAP_KEY] = build_neighbour_map(x.coords)
+    return x.cache[NEIGHBOUR_MAP_KEY]
+
+
+class SparseConv3d(nn.Module):
+    """Sub-manifold 3x3x3 conv; weight [Co, 3, 3, 3, Ci] as in the checkpoint (FlexGEMM layout)."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        if kernel_size != 3:
+            raise ValueError(f"only 3x3x3 sub-manifold convs are used by TRELLIS.2, got kernel_size={kernel_size}")
+        self.weight = nn.Parameter(torch.empty(out_channels, 3, 3, 3, in_channels))
+        self.bias = nn.Parameter(torch.empty(out_channels))
+        bound = 1 / math.sqrt(27 * in_channels)  # nn.Conv3d's default init
+        nn.init.uniform_(self.weight, -bound, bound)
+        nn.init.uniform_(self.bias, -bound, bound)
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        out = submanifold_conv3d(x.feats, neighbour_map(x), self.weight.to(x.dtype), self.bias.to(x.dtype))
+        return x.replace(out)
+
+
+class SparseConvNeXtBlock3d(nn.Module):
+    """x + MLP(LN(conv(x))); no norm before the conv. `use_checkpoint` (training only) is accepted and ignored."""
+
+    def __init__(self, channels: int, mlp_ratio: float = 4.0, use_checkpoint: bool = False) -> None:
+        super().__init__()
+        hidden = int(channels * mlp_ratio)
+        self.norm = LayerNorm32(channels, eps=1e-6)
+        self.conv = SparseConv3d(channels, channels)
+        self.mlp = nn.Sequential(Linear(channels, hidden), nn.SiLU(), Linear(hidden, channels))
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        h = self.mlp(self.norm(self.conv(x).feats))
+        return x.replace(h + x.feats)
+
+
+def subdivide(coords: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Children of the voxels `coords` [N, 4] selected by `keep` [N, 8] bool.
+
+    Child k of a parent sits at 2*(x, y, z) + (k & 1, k >> 1 & 1, k >> 2 & 1) (bit 0 -> x). Children come
+    parent-major, then by increasing k. Returns (slot [M] = parent * 8 + k, child coords int32 [M, 4]).
+    """
+    parent, k = keep.nonzero(as_tuple=True)
+    child = coords[parent].clone()
+    child[:, 1:] *= 2
+    child[:, 1] += (k & 1).to(child.dtype)
+    child[:, 2] += (k >> 1 & 1).to(child.dtype)
+    child[:, 3] += (k >> 2 & 1).to(child.dtype)
+    return parent * 8 + k, child
+
+
+class SparseResBlockC2S3d(nn.Module):
+    """Channel-to-space up-block C -> O: each voxel becomes up to 8 children at twice the resolution.
+
+    The subdivision logits come from `to_subdiv` on the block input, or from a guide (texture decoder).
+    Child k takes channels [k*O, (k+1)*O) of conv1's 8*O outputs; the skip takes channels [k*C/8, (k+1)*C/8)
+    of the input, each repeated O/(C/8) times. `use_checkpoint` (training only) is accepted and ignored.
+    """
+
+    def __init__(
+        self, channels: int, out_channels: int, pred_subdiv: bool = True, use_checkpoint: bool = False
+    ) -> None:
+        super().__init__()
+        if channels % 8 or out_channels % (channels // 8):
+            raise ValueError(f"C2S block needs C divisible by 8 and O by C/8, got C={channels}, O={out_channels}")
+        self.out_channels = out_channels
+        self.norm1 = LayerNorm32(channels, eps=1e-6)
+        self.norm2 = LayerNorm32(out_channels, eps=1e-6, elementwise_affine=False)
+        self.conv1 = SparseConv3d(channels, out_channels * 8)
+        self.conv2 = SparseConv3d(out_channels, out_channels)
+        if pred_subdiv:
+            self.to_subdiv = Linear(channels, 8)
+
+    def subdivision_logits(self, x: SparseTensor, guide: SparseTensor | None) -> SparseTensor:
+        """[N, 8] logits on x's voxels: predicted, or the guide's after checking it describes the same voxels."""
+        if guide is None:
+            if not hasattr(self, "to_subdiv"):
+                raise ValueError("this decoder does not predict subdivisions (pred_subdiv=False): pass guide_subs")
+            return x.replace(self.to_subdiv(x.feats))
+        if not torch.equal(guide.coords, x.coords):
+            raise ValueError("guide subdivision logits are on other voxels (or in another row order) than the input")
+        return guide
+
+    def forward(self, x: SparseTensor, guide: SparseTensor | None = None) -> tuple[SparseTensor, SparseTensor]:
+        """Returns (children features [M, O], the subdivision logits used [N, 8] on x's voxels)."""
+        logits = self.subdivision_logits(x, guide)
+        h = self.conv1(x.replace(F.silu(self.norm1(x.feats))))
+        slot, child_coords = subdivide(x.coords, logits.feats > 0)
+        n, c = x.feats.shape
+        h = SparseTensor(h.feats.reshape(n * 8, self.out_channels)[slot], child_coords)
+        skip = x.feats.reshape(n * 8, c // 8)[slot].repeat_interleave(self.out_channels // (c // 8), dim=1)
+        h = self.conv2(h.replace(F.silu(self.norm2(h.feats))))
+        return h.replace(h.feats + skip), logits
+
+
+BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
+UP_BLOCK_TYPES = {"SparseResBlockC2S3d": SparseResBlockC2S3d}
+
+
+class SparseUnetVaeDecoder(nn.Module):
+    def __init__(
+        self,
+        out_channels: int,
+        model_channels: list[int],
+        latent_channels: int,
+        num_blocks: list[int],
+        block_type: list[str],
+        up_block_type: list[str],
+        block_args: list[dict[str, Any]] | None = None,
+        use_fp16: bool = False,
+        pred_subdiv: bool = True,
+    ) -> None:
+        super().__init__()
+        stages = len(num_blocks)
+        block_args = block_args if block_args is not None else [{} for _ in range(stages)]
+        unknown = {*block_type} - BLOCK_TYPES.keys() | {*up_block_type} - UP_BLOCK_TYPES.keys()
+        if unknown:
+            raise ValueError(f"unsupported block types {sorted(unknown)}")
+        self.pred_subdiv = pred_subdiv
+        self.dtype = torch.float16 if use_fp16 else torch.float32
+        # Registration order matches the reference state_dict order (output_layer first).
+        self.output_layer = Linear(model_channels[-1], out_channels)
+        self.from_latent = Linear(latent_channels, model_channels[0])
+        self.blocks = nn.ModuleList()
+        for i in range(stages):
+            stage = nn.ModuleList(
+                BLOCK_TYPES[block_type[i]](model_channels[i], **block_args[i]) for _ in range(num_blocks[i])
+            )
+            if i < stages - 1:
+                up = UP_BLOCK_TYPES[up_block_type[i]]
+                stage.append(up(model_channels[i], model_channels[i + 1], pred_subdiv=pred_subdiv, **block_args[i]))
+            self.blocks.append(stage)
+        for module in self.blocks.modules():
+            if isinstance(module, (nn.Linear, SparseConv3d)):
+                module.to(self.dtype)
+
+    @property
+    def num_up_blocks(self) -> int:
+        return len(self.blocks) - 1
+
+    def _torso_input(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(self.from_latent(x.feats).to(compute_dtype(self.dtype, x.device)))
+
+    def decode(
+        self, x: SparseTensor, guide_subs: list[SparseTensor] | None = None
+    ) -> tuple[SparseTensor, list[SparseTensor]]:
+        """(output features on the finest voxels, the subdivision logits of every up-block on its input voxels).
+
+        guide_subs: per up-block logits to follow instead of predicting (the shape decoder's, same row order).
+        """
+        if guide_subs is not None and len(guide_subs) != self.num_up_blocks:
+            raise ValueError(f"guide_subs has {len(guide_subs)} entries, the decoder has {self.num_up_blocks} up-blocks")
+        h = self._torso_input(x)
+        subs: list[SparseTensor] = []
+        for i, stage in enumerate(self.blocks):
+            for block in stage:
+                if isinstance(block, SparseResBlockC2S3d):
+                    h, logits = block(h, None if guide_subs is None else guide_subs[i])
+                    subs.append(logits)
+                else:
+                    h = block(h)
+        feats = F.layer_norm(h.feats.to(x.dtype), h.feats.shape[-1:])
+        return h.replace(self.output_layer(feats)), subs
+
+    def forward(
+        self, x: SparseTensor, guide_subs: list[SparseTensor] | None = None, return_subs: bool = False
+    ) -> SparseTensor | tuple[SparseTensor, list[SparseTensor]]:
+        out, subs = self.decode(x, guide_subs)
+        return (out, subs) if return_subs else out
+
+    def upsample(self, x: SparseTensor, upsample_times: int | None = None) -> torch.Tensor:
+        """int32 [M, 4]: the voxels after `upsample_times` up-blocks (default all), without decoding features.
+
+        The cascade uses this to grow a low-resolution structure. Only the subdivision decisions are needed,
+        so the last up-block predicts its logits and subdivides without computing its features.
+        """
+        times = self.num_up_blocks if upsample_times is None else upsample_times
+        if not 0 <= times <= self.num_up_blocks:
+            raise ValueError(f"upsample_times must be in [0, {self.num_up_blocks}], got {times}")
+        if times and not self.pred_subdiv:
+            raise ValueError("upsampling needs a decoder that predicts its subdivisions (pred_subdiv=True)")
+        h = self._torso_input(x)
+        for i in range(times):
+            *convnext_blocks, up = self.blocks[i]
+            for block in convnext_blocks:
+                h = block(h)
+            if i == times - 1:
+                return subdivide(h.coords, up.subdivision_logits(h, None).feats > 0)[1]
+            h, _ = up(h)
+        return h.coords
+
+
+@dataclass
+class ShapeDecoderOutput:
+    raw: SparseTensor  # 7 channels per finest voxel, before the head
+    subs: list[SparseTensor]  # subdivision logits of each up-block, on its input voxels (texture decoder guide)
+    vertices: SparseTensor  # dual vertex per voxel, voxel units from its min corner, in (-m, 1+m)
+    intersected: SparseTensor  # bool [N, 3] edge flags for x, y, z
+    quad_lerp: SparseTensor  # [N, 1] quad split weights, > 0
+    meshes: list[tuple[torch.Tensor, torch.Tensor]]  # per batch item: vertices float32 [V, 3], faces int32 [F, 3]
+
+
+class FlexiDualGridVaeDecoder(SparseUnetVaeDecoder):
+    """Shape decoder: a 7-channel SparseUnetVaeDecoder that predicts its subdivisions, plus the FDG mesh head."""
+
+    def __init__(
+        self,
+        resolution: int,
+        model_channels: list[int],
+        latent_channels: int,
+        num_blocks: list[int],
+        block_type: list[str],
+        up_block_type: list[str],
+        block_args: list[dict[str, Any]] | None = None,
+        voxel_margin: float = 0.5,
+        use_fp16: bool = False,
+    ) -> None:
+        super().__init__(
+            7, model_channels, latent_channels, num_blocks, block_type, up_block_type, block_args, use_fp16
+        )
+        self.resolution = resolution
+        self.voxel_margin = voxel_margin
+
+    def set_resolution(self, resolution: int) -> None:
+        """The mesh grid size (finest voxel grid); the pipeline sets it before every decode."""
+        self.resolution = resolution
+
+    def forward(self, x: SparseTensor) -> ShapeDecoderOutput:  # type: ignore[override]
+        raw, subs = self.decode(x)
+        m = self.voxel_margin
+        vertices = raw.replace((1 + 2 * m) * torch.sigmoid(raw.feats[:, 0:3]) - m)
+        intersected = raw.replace(raw.feats[:, 3:6] > 0)
+        quad_lerp = raw.replace(F.softplus(raw.feats[:, 6:7]))
+        meshes = [
+            flexible_dual_grid_to_mesh(
+                raw.coords[rows, 1:],
+                vertices.feats[rows],
+                intersected.feats[rows],
+                quad_lerp.feats[rows],
+                aabb=MESH_AABB,
+                grid_size=self.resolution,
+            )
+            for rows in raw.batch_slices()
+        ]
+        return ShapeDecoderOutput(raw, subs, vertices, intersected, quad_lerp, meshes)
