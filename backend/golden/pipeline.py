@@ -67,8 +67,9 @@ def pipeline_glue(case: Case) -> list[Check]:
     hr_raw = upsample_lr_shape(models["shape_slat_decoder"], recorded_lr)
     checks.append(exact("cascade_hr_coords_raw", hr_raw, t["out.cascade_hr_coords_raw"]))
 
-    hr_coords, hr_resolution = cascade_coords(t["out.cascade_hr_coords_raw"], lr_resolution, meta["hr_resolution"],
-                                              max_num_tokens=10**9)
+    hr_base = models["shape_slat_flow_model_1024"].resolution * 16
+    hr_coords, hr_resolution = cascade_coords(t["out.cascade_hr_coords_raw"], lr_resolution, hr_base,
+                                              meta["hr_resolution"], max_num_tokens=10**9)
     checks.append(exact("shape_slat_coords", hr_coords, t["out.shape_slat_coords"]))
     checks.append(exact("hr_resolution", torch.tensor(hr_resolution), torch.tensor(meta["hr_resolution"])))
 

@@ -82,17 +82,18 @@ def sample_shape_slat(
 
 
 def cascade_coords(
-    hr_coords: torch.Tensor, lr_resolution: int, target_resolution: int, max_num_tokens: int
+    hr_coords: torch.Tensor, lr_resolution: int, hr_base_resolution: int, target_resolution: int, max_num_tokens: int
 ) -> tuple[torch.Tensor, int]:
-    """Quantise the LR decoder's fine voxels onto the HR latent grid, stepping the resolution down by 128 while
-    the token count reaches `max_num_tokens` (never below 1024, where the limit no longer applies)."""
+    """Quantise the LR decoder's fine voxels onto the HR latent grid (latent cell = 16 voxels), stepping the
+    resolution down by an eighth of the HR flow's base resolution (128 for 1024) while the token count reaches
+    `max_num_tokens`; at the base resolution the limit no longer applies (the reference's `== 1024` rule)."""
     hr_resolution = target_resolution
     while True:
         cells = ((hr_coords[:, 1:] + 0.5) / lr_resolution * (hr_resolution // 16)).int()
         coords = torch.cat([hr_coords[:, :1], cells], dim=1).unique(dim=0)
-        if coords.shape[0] < max_num_tokens or hr_resolution <= 1024:
+        if coords.shape[0] < max_num_tokens or hr_resolution <= hr_base_resolution:
             return coords, hr_resolution
-        hr_resolution -= 128
+        hr_resolution -= hr_base_resolution // 8
 
 
 @torch.inference_mode()

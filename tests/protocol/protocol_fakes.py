@@ -1,0 +1,150 @@
+"""Test helpers: sample messages and a tiny ROUTER server thread built on the protocol's server helpers."""
+
+from __future__ import annotations
+
+import queue
+import struct
+import threading
+import zlib
+from typing import Callable
+
+import numpy as np
+import zmq
+
+from protocol import (DEFAULT_LIMITS, Accepted, Cancel, Cancelled, Error, ErrorCode, Fetch, Hello, Info, Limits,
+                      Message, ModelStatus, Ping, Pong, ProtocolError, Progress, Result, Submit, configure_socket,
+                      decode, encode, join_envelope, split_envelope)
+
+
+def png_bytes(width: int = 8, height: int = 6, channels: int = 4) -> bytes:
+    """A valid 8-bit PNG (gray, RGB or RGBA by `channels`) of black pixels, built without Pillow."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    color_type = {1: 0, 3: 2, 4: 6}[channels]
+    rows = (b"\x00" + bytes(width * channels)) * height  # filter byte 0, then the row's samples
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def sample_messages() -> list[Message]:
+    """One or more instances of every message type, with optional fields both set and unset."""
+    rng = np.random.default_rng(0)
+    return [
+        Hello("blender", "4.2.0"),
+        Info("trellis2-backend", "0.1.0", "microsoft/TRELLIS.2-4B", ModelStatus.READY, "cuda:0 NVIDIA H100", 3,
+             gpu_memory_free=40 << 30, gpu_memory_total=80 << 30, capabilities=["texture", "cancel"],
+             limits=Limits(max_image_bytes=1 << 20), details={"torch": "2.13", "cuda": [12, 8]}),
+        Info("b", "0", "m", ModelStatus.LOADING, "cpu", 0),
+        Submit(png_bytes(), {"seed": 42, "steps": 12, "cfg": 7.5, "name": "chair", "flags": [True, None],
+                             "sub": {"deep": {"x": -1}}}, "client-1"),
+        Submit(png_bytes(3, 2, 1)),
+        Accepted("job-1", 0, "client-1"),
+        Accepted("job.2", 5),
+        Progress("job-1", "shape", 3, 12, 0.25, "sampling shape"),
+        Progress("job-1", "queued", 0, 0, 0.0),
+        Result("job-1", mesh={"positions": rng.random((5, 3), dtype=np.float32),
+                              "indices": np.arange(9, dtype=np.uint32).reshape(3, 3)},
+               textures={"base_color": rng.integers(0, 255, (4, 4, 4), dtype=np.uint8)},
+               metadata={"faces": 3, "seconds": 1.5}),
+        Result("job-2"),
+        Error(ErrorCode.OUT_OF_MEMORY, "CUDA out of memory", "lower the resolution", "job-1", "client-1"),
+        Error(ErrorCode.MALFORMED_MESSAGE, "bad"),
+        Cancel("job-1"),
+        Cancelled("job-1"),
+        Fetch("job-1"),
+        Ping(7),
+        Pong(7),
+    ]
+
+
+def assert_same(a: Message, b: Message) -> None:
+    """Field-by-field equality that also compares arrays exactly (dtype, shape, bytes)."""
+    assert type(a) is type(b)
+    if not isinstance(a, Result):
+        assert a == b
+        return
+    assert (a.job_id, a.metadata) == (b.job_id, b.metadata)
+    for name in ("mesh", "textures"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert x.keys() == y.keys()
+        for key in x:
+            assert x[key].dtype == y[key].dtype and x[key].shape == y[key].shape
+            assert x[key].tobytes() == y[key].tobytes()
+
+
+Handler = Callable[[Message], list[Message]]
+
+
+class FakeServer:
+    """ROUTER server thread. Answers pings itself; everything else goes to `handler`, whose replies are
+    sent back to the asking client. `mute` makes it a hung server (reads, never answers); `push`
+    sends a message to the last client from the server thread; `stop` kills it."""
+
+    def __init__(self, handler: Handler, limits: Limits = DEFAULT_LIMITS, curve_secret_key: bytes | None = None):
+        self.handler = handler
+        self.limits = limits
+        self.received: list[Message] = []
+        self.mute = False
+        self._outbox: queue.Queue[Message] = queue.Queue()
+        self._identity: list = []
+        self._stop = threading.Event()
+        self._sock = zmq.Context.instance().socket(zmq.ROUTER)
+        configure_socket(self._sock, limits, "server")
+        if curve_secret_key is not None:
+            self._sock.curve_server = True
+            self._sock.curve_secretkey = curve_secret_key
+        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
+        self.address = f"tcp://127.0.0.1:{port}"
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def push(self, msg: Message) -> None:
+        self._outbox.put(msg)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                while not self._outbox.empty():
+                    self._send(self._identity, self._outbox.get())
+                if not self._sock.poll(10):
+                    continue
+                identity, frames = split_envelope(self._sock.recv_multipart(copy=False))
+                self._identity = identity
+                try:
+                    msg = decode(frames, self.limits, sender="client")
+                except ProtocolError as exc:
+                    replies: list[Message] = [Error.from_exception(exc)]
+                else:
+                    self.received.append(msg)
+                    replies = [Pong(msg.seq)] if isinstance(msg, Ping) else self.handler(msg)
+                if not self.mute:
+                    for reply in replies:
+                        self._send(identity, reply)
+        finally:
+            self._sock.close(linger=0)
+
+    def _send(self, identity: list, msg: Message) -> None:
+        self._sock.send_multipart(join_envelope(identity, encode(msg, self.limits)), copy=False)
+
+
+def info_for(limits: Limits = DEFAULT_LIMITS) -> Info:
+    return Info("fake", "0.0", "tiny", ModelStatus.READY, "cpu", 0, limits=limits)
+
+
+def standard_handler(msg: Message) -> list[Message]:
+    """A well-behaved backend: one job id per submit, progress, cancel and fetch answered."""
+    if isinstance(msg, Hello):
+        return [info_for()]
+    if isinstance(msg, Submit):
+        return [Accepted("job-1", 0, msg.client_job_id), Progress("job-1", "shape", 1, 2, 0.5)]
+    if isinstance(msg, Cancel):
+        return [Cancelled(msg.job_id)]
+    if isinstance(msg, Fetch):
+        return [Result(msg.job_id, mesh={"positions": np.ones((2, 3), np.float32)})]
+    return []
