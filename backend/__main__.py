@@ -6,7 +6,11 @@ Each subcommand imports its module only when chosen, so `--help` and light comma
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# Modules that add their own subcommands through `register(subparsers)`.
+COMMAND_MODULES = ["backend.generate_cli"]
 
 
 def _golden(args: argparse.Namespace) -> int:
@@ -32,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("manifest", help="print a model's state-dict entries [[name, shape, dtype], ...] as JSON")
     p.add_argument("ckpt_json", metavar="CKPT_JSON", help="a checkpoint JSON {name, args}")
     p.set_defaults(run=_manifest)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).register(sub)
     return parser
 
 

@@ -152,6 +152,12 @@ def _download_stem(path: str) -> CheckpointFiles:
 def read_pipeline_config(root: str) -> dict[str, Any]:
     """`pipeline.json` of a local weights folder or a hub repo id."""
     local = Path(root) / "pipeline.json"
+    if Path(root).is_dir() and not local.is_file():
+        raise CheckpointError(f"{root} has no pipeline.json: give the folder of a TRELLIS.2 checkpoint (pipeline.json "
+                              "+ ckpts/) or a Hugging Face repo id such as microsoft/TRELLIS.2-4B")
+    if not Path(root).exists() and (root.startswith(("/", ".", "~")) or root.count("/") != 1):
+        raise CheckpointError(f"weights folder {root} does not exist (and it is not a Hugging Face repo id "
+                              "owner/name): check the path, or pass e.g. microsoft/TRELLIS.2-4B")
     try:
         if local.is_file():
             text = local.read_text()

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
+from transformers.utils import logging as transformers_logging
 
 DINOV3_REPO = "facebook/dinov3-vitl16-pretrain-lvd1689m"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,6 +54,7 @@ class DinoV3Conditioner:
         elif isinstance(name_or_path, Path) or local.is_absolute() or str(name_or_path).startswith((".", "~")):
             raise DinoV3LoadError(f"DINOv3 folder not found: {local}; give the folder holding config.json and "
                                   f"model.safetensors, or the hub id {DINOV3_REPO}")
+        transformers_logging.disable_progress_bar()  # our own progress reporting is the one users see
         try:
             model = DINOv3ViTModel.from_pretrained(str(name_or_path), dtype=torch.float32)
         except (OSError, ValueError) as exc:  # hub errors (gated, offline, missing files) all surface as these

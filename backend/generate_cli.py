@@ -1,0 +1,142 @@
+"""`python -m backend generate IMAGE [-o OUT]` and `python -m backend tiny-checkpoint DIR`.
+
+generate runs the whole pipeline in this process, with a progress line on stderr; Ctrl-C cancels between steps.
+The output is a GLB when the asset step is available and OUT ends in .glb, otherwise the O-Voxel (.npz), which
+`python -m backend ovoxel decode` turns into a GLB later.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from backend.trellis2.pipeline import DEFAULT_WEIGHTS, PIPELINE_TYPES, GenerationSettings, PipelineError
+
+
+class ProgressLine:
+    """One self-overwriting status line: stage, step/total, percentage, elapsed time."""
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream, self.start = stream, time.perf_counter()
+        self.tty = stream.isatty()
+
+    def __call__(self, stage: str, step: int, total: int) -> None:
+        pct = 100.0 * step / total if total else 100.0
+        filled = int(pct / 5)
+        text = f"{stage:<16} [{'#' * filled}{'.' * (20 - filled)}] {step}/{total} {pct:5.1f}%  {self.elapsed():6.1f}s"
+        if self.tty:
+            self.stream.write("\r" + text)
+        elif step in (0, total):  # logs get the start and end of each stage only
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def done(self, message: str) -> None:
+        self.stream.write(("\n" if self.tty else "") + message + "\n")
+        self.stream.flush()
+
+
+def _sampler_overrides(raw: str | None, name: str) -> dict:
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"error: --{name} must be a JSON object, e.g. '{{\"steps\": 20}}' ({exc})") from exc
+    if not isinstance(value, dict):
+        raise SystemExit(f"error: --{name} must be a JSON object")
+    return value
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from backend.trellis2.checkpoint import CheckpointError
+    from backend.trellis2.image_cond import DinoV3LoadError
+    from backend.trellis2.pipeline import Trellis2Pipeline
+    from backend.trellis2.preprocess import ImageInputError
+
+    output = args.output or args.image.with_suffix(".glb")
+    if not args.image.is_file():
+        print(f"error: image {args.image} not found", file=sys.stderr)
+        return 2
+    try:
+        settings = GenerationSettings.from_dict({
+            "pipeline_type": args.pipeline, "seed": args.seed,
+            "sparse_structure_sampler": _sampler_overrides(args.ss_sampler, "ss-sampler"),
+            "shape_sampler": _sampler_overrides(args.shape_sampler, "shape-sampler"),
+            "texture_sampler": _sampler_overrides(args.texture_sampler, "texture-sampler"),
+            "max_num_tokens": args.max_tokens,
+        })
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    progress = ProgressLine()
+    try:
+        print(f"loading weights from {args.weights} ...", file=sys.stderr)
+        pipeline = Trellis2Pipeline.from_pretrained(args.weights, device=args.device, memory=args.memory)
+        ovoxel = pipeline.run(args.image, settings, progress)
+        progress.done(f"generated {ovoxel.coords.shape[0]} voxels, {ovoxel.faces.shape[0]} faces "
+                      f"at {ovoxel.resolution}^3 in {progress.elapsed():.1f}s")
+        return _write(ovoxel, output, progress)
+    except KeyboardInterrupt:
+        progress.done("cancelled; nothing was written")
+        return 130
+    except (CheckpointError, DinoV3LoadError, ImageInputError) as exc:
+        progress.done(f"error: {exc}")
+        return 1
+    except PipelineError as exc:
+        progress.done(f"error: {exc.message}\nhint: {exc.hint}")
+        return 1
+
+
+def _write(ovoxel, output: Path, progress: ProgressLine) -> int:
+    if output.suffix.lower() == ".npz":
+        ovoxel.save(output)
+        progress.done(f"wrote O-Voxel {output}")
+        return 0
+    try:
+        from backend.asset.glb import write_glb
+        from backend.asset.postprocess import build_textured_mesh
+        from backend.asset.textured_mesh import AssetSettings
+    except ImportError:
+        fallback = output.with_suffix(".npz")
+        ovoxel.save(fallback)
+        progress.done(f"GLB export is not available in this build; wrote the O-Voxel to {fallback} instead")
+        return 0
+    mesh = build_textured_mesh(ovoxel, AssetSettings(), progress)
+    write_glb(mesh, output)
+    progress.done(f"wrote {output}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="image in, textured GLB (or O-Voxel .npz) out, in this process")
+    p.add_argument("image", type=Path)
+    p.add_argument("-o", "--output", type=Path, help="OUT.glb or OUT.npz (default: IMAGE.glb)")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="hub repo id or local folder with pipeline.json")
+    p.add_argument("--pipeline", choices=sorted(PIPELINE_TYPES), help="pipeline type (default: the checkpoint's)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
+    p.add_argument("--memory", choices=["auto", "gpu", "offload"], default="auto",
+                   help="keep all models on the GPU, move each in for its stage, or decide from free memory")
+    p.add_argument("--max-tokens", type=int, default=49152, help="token limit of the 1536 cascade")
+    for name in ("ss-sampler", "shape-sampler", "texture-sampler"):
+        p.add_argument(f"--{name}", metavar="JSON",
+                       help='overrides, e.g. \'{"steps": 20, "guidance_strength": 5}\'')
+    p.set_defaults(run=run_generate)
+
+    p = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint in the hub layout (for tests)")
+    p.add_argument("directory", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=run_tiny_checkpoint)
+
+
+def run_tiny_checkpoint(args: argparse.Namespace) -> int:
+    from backend.trellis2.tiny import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(args.directory, seed=args.seed))
+    return 0

@@ -1,0 +1,47 @@
+"""`python -m backend tiny-checkpoint` + `python -m backend generate` as a terminal user runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from backend.asset.ovoxel import OVoxel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _backend(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+
+
+def test_tiny_checkpoint_then_generate_writes_an_ovoxel(tmp_path) -> None:
+    weights = tmp_path / "tiny"
+    assert _backend("tiny-checkpoint", str(weights)).returncode == 0
+    assert (weights / "pipeline.json").is_file() and (weights / "dinov3").is_dir()
+    rgba = np.zeros((64, 96, 4), np.uint8)
+    rgba[10:50, 20:70] = (90, 30, 200, 255)
+    Image.fromarray(rgba).save(tmp_path / "thing.png")
+    out = tmp_path / "thing.npz"
+    steps = '{"steps": 2}'
+    run = _backend("generate", str(tmp_path / "thing.png"), "-o", str(out), "--weights", str(weights),
+                   "--pipeline", "512", "--seed", "3", "--ss-sampler", steps, "--shape-sampler", steps,
+                   "--texture-sampler", steps)
+    assert run.returncode == 0, run.stderr
+    assert "sparse_structure" in run.stderr and "100.0%" in run.stderr
+    ovoxel = OVoxel.load(out)
+    assert ovoxel.resolution == 128 and ovoxel.metadata["seed"] == 3
+
+
+def test_hostile_image_and_missing_weights_are_clear_errors(tmp_path, tiny_checkpoint) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
+    run = _backend("generate", str(bad), "-o", str(tmp_path / "x.npz"), "--weights", str(tiny_checkpoint))
+    assert run.returncode == 1 and "fix:" in run.stderr and "Traceback" not in run.stderr
+
+    run = _backend("generate", str(bad), "--weights", str(tmp_path / "nowhere"))
+    assert run.returncode == 1 and "does not exist" in run.stderr and "Traceback" not in run.stderr

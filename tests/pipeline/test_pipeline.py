@@ -1,0 +1,159 @@
+"""The whole generation pipeline on the tiny checkpoint: every pipeline type, seeds, progress, cancel, errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from backend.asset.ovoxel import OVoxel
+from backend.trellis2 import pipeline as pipeline_module
+from backend.trellis2.pipeline import (
+    PIPELINE_TYPES,
+    GenerationSettings,
+    JobCancelled,
+    ModelStore,
+    PipelineError,
+    Trellis2Pipeline,
+    choose_offload,
+)
+from backend.trellis2.stages import seeded_noise
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_checkpoint: Path) -> Trellis2Pipeline:
+    return Trellis2Pipeline.from_pretrained(str(tiny_checkpoint), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def image() -> Image.Image:
+    rgba = np.zeros((120, 160, 4), np.uint8)
+    rgba[20:100, 40:120] = (200, 120, 40, 255)
+    return Image.fromarray(rgba, "RGBA")
+
+
+def _fast(**extra) -> GenerationSettings:
+    steps = {"steps": 3}
+    return GenerationSettings(sparse_structure_sampler=steps, shape_sampler=steps, texture_sampler=steps, **extra)
+
+
+@pytest.mark.parametrize("pipeline_type", sorted(PIPELINE_TYPES))
+def test_every_pipeline_type_produces_a_valid_ovoxel(pipe, image, pipeline_type) -> None:
+    result = pipe.run(image, _fast(pipeline_type=pipeline_type))
+    assert isinstance(result, OVoxel)
+    assert result.coords.shape[0] > 0 and result.attrs.shape == (result.coords.shape[0], 6)
+    assert np.isfinite(result.attrs).all() and np.isfinite(result.vertices).all()
+    assert result.coords.min() >= 0 and result.coords.max() < result.resolution
+    if result.faces.size:
+        assert result.faces.max() < result.vertices.shape[0]
+    # tiny grids are the real ones / 4: 512 -> 128, 1024 -> 256, 1536 -> 384
+    expected = {"512": 128, "1024": 256, "1024_cascade": 256, "1536_cascade": 384}[pipeline_type]
+    assert result.resolution == expected
+    assert result.metadata["pipeline_type"] == pipeline_type
+
+
+def test_seed_reproduces_and_different_seeds_differ(pipe, image) -> None:
+    a = pipe.run(image, _fast(seed=7))
+    b = pipe.run(image, _fast(seed=7))
+    c = pipe.run(image, _fast(seed=8))
+    assert np.array_equal(a.coords, b.coords) and np.array_equal(a.attrs, b.attrs)
+    assert not (a.coords.shape == c.coords.shape and np.array_equal(a.attrs, c.attrs))
+
+
+def test_seeded_noise_matches_the_reference_global_generator_order() -> None:
+    draw = seeded_noise(123)
+    ours = [draw((2, 3)), draw((4,))]
+    torch.manual_seed(123)
+    reference = [torch.randn(2, 3), torch.randn(4)]
+    assert all(torch.equal(x, y) for x, y in zip(ours, reference))
+
+
+def test_progress_reports_every_stage_in_order_with_step_counts(pipe, image) -> None:
+    events: list[tuple[str, int, int]] = []
+    pipe.run(image, GenerationSettings(shape_sampler={"steps": 4}, sparse_structure_sampler={"steps": 2},
+                                       texture_sampler={"steps": 3}), lambda *e: events.append(e))
+    stages = list(dict.fromkeys(stage for stage, _, _ in events))
+    assert stages == ["preprocess", "condition", "sparse_structure", "shape_lr", "upsample", "shape_hr", "texture",
+                      "decode"]
+    totals = {stage: total for stage, _, total in events}
+    assert totals["sparse_structure"] == 2 and totals["shape_hr"] == 4 and totals["texture"] == 3
+    for stage in stages:
+        steps = [step for s, step, _ in events if s == stage]
+        assert steps == sorted(steps) and steps[-1] == totals[stage]
+
+
+def test_cancel_between_steps_stops_the_job_and_the_pipeline_stays_usable(pipe, image) -> None:
+    seen = []
+
+    def cancel_in_shape(stage: str, step: int, total: int) -> None:
+        seen.append(stage)
+        if stage == "shape_hr" and step == 1:
+            raise JobCancelled()
+
+    with pytest.raises(JobCancelled):
+        pipe.run(image, _fast(), cancel_in_shape)
+    assert "texture" not in seen
+    assert pipe.run(image, _fast()).coords.shape[0] > 0
+
+
+def test_out_of_memory_becomes_a_clear_error_and_the_pipeline_stays_usable(pipe, image, monkeypatch) -> None:
+    def oom(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    with monkeypatch.context() as m:
+        m.setattr(pipeline_module, "sample_texture_slat", oom)
+        with pytest.raises(PipelineError) as info:
+            pipe.run(image, _fast())
+    assert info.value.code == "out_of_memory" and "offload" in info.value.hint
+    assert pipe.run(image, _fast()).coords.shape[0] > 0
+
+
+def test_image_without_alpha_goes_through_background_removal(pipe) -> None:
+    rgb = np.full((90, 90, 3), 40, np.uint8)
+    rgb[30:60, 30:60] = (70, 200, 130)
+    result = pipe.run(Image.fromarray(rgb, "RGB"), _fast(pipeline_type="512"))
+    assert result.coords.shape[0] > 0
+
+
+@pytest.mark.parametrize(
+    "raw, fragment",
+    [
+        ({"pipeline_type": "2048"}, "pipeline_type"),
+        ({"seed": -1}, "seed"),
+        ({"shape_sampler": {"stepz": 3}}, "stepz"),
+        ({"texture_sampler": {"guidance_interval": [0.9, 0.1]}}, "guidance_interval"),
+        ({"colour": "red"}, "colour"),
+    ],
+)
+def test_bad_settings_are_rejected_with_the_field_named(raw, fragment) -> None:
+    with pytest.raises(ValueError, match=fragment):
+        GenerationSettings.from_dict(raw)
+
+
+def test_memory_mode_choice(monkeypatch) -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_offload("auto", cpu, 10**12) is False
+    assert choose_offload("offload", cuda, 1) is True
+    assert choose_offload("gpu", cuda, 10**12) is False
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (80 * 2**30, 80 * 2**30))
+    assert choose_offload("auto", cuda, 20 * 2**30) is False  # 20 GiB of models fit in 80 GiB free
+    assert choose_offload("auto", cuda, 75 * 2**30) is True
+    with pytest.raises(ValueError, match="memory mode"):
+        choose_offload("lots", cuda, 1)
+
+
+def test_offload_store_moves_a_model_in_only_while_used() -> None:
+    moves = []
+
+    class Recorder(torch.nn.Linear):
+        def to(self, *args, **kwargs):
+            moves.append(str(args[0]))
+            return self
+
+    store = ModelStore({"m": Recorder(2, 2)}, torch.device("cpu"), offload=True)
+    with store.use("m"):
+        assert moves == ["cpu"]
+    assert moves == ["cpu", "cpu"]
