@@ -14,40 +14,8 @@ from backend.trellis2.transformer import FlowTransformer, Packing, rope_phases
 
 
 class SLatFlowModel(FlowTransformer):
-    """Constructor args are the reference's (the checkpoint JSON's `args`).
-
-    Accepted but without effect at inference: `resolution` (RoPE uses the voxel coordinates, so any grid
-    size works), `use_checkpoint` and `initialization` (training only). Only pe_mode 'rope' is implemented.
-    """
-
-    def __init__(
-        self,
-        resolution: int,
-        in_channels: int,
-        model_channels: int,
-        cond_channels: int,
-        out_channels: int,
-        num_blocks: int,
-        num_heads: int | None = None,
-        num_head_channels: int = 64,
-        mlp_ratio: float = 4,
-        pe_mode: str = "ape",
-        rope_freq: tuple[float, float] = (1.0, 10000.0),
-        dtype: str | torch.dtype = "float32",
-        use_checkpoint: bool = False,
-        share_mod: bool = False,
-        initialization: str = "vanilla",
-        qk_rms_norm: bool = False,
-        qk_rms_norm_cross: bool = False,
-    ):
-        if pe_mode != "rope":
-            raise NotImplementedError(f"pe_mode {pe_mode!r}: only 'rope' (the TRELLIS.2-4B setting) is implemented")
-        super().__init__(
-            in_channels, model_channels, cond_channels, out_channels, num_blocks, num_heads, num_head_channels,
-            mlp_ratio, share_mod, qk_rms_norm, qk_rms_norm_cross, dtype,
-        )
-        self.resolution = resolution
-        self.rope_freq = tuple(rope_freq)
+    """Constructor args are FlowTransformer's (the reference's). `resolution` has no effect here: RoPE uses the
+    voxel coordinates, so any grid size works."""
 
     def forward(
         self, x: SparseTensor, t: torch.Tensor, cond: torch.Tensor, concat_cond: SparseTensor | None = None

@@ -7,53 +7,29 @@ it is computed here (`compute_buffers`), never loaded.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
 
 from backend.trellis2.transformer import FlowTransformer, Packing, grid_coords, rope_phases
 
+_FLOW_ARGS = set(inspect.signature(FlowTransformer.__init__).parameters) - {"self"}
+
 
 class SparseStructureFlowModel(FlowTransformer):
-    """Constructor args are the reference's (the checkpoint JSON's `args`).
-
-    Accepted but without effect at inference: `use_checkpoint` (gradient checkpointing), `initialization`
-    (training init; weights come from the checkpoint) and any other keyword, which the reference also
-    swallows. `rope_freq` is accepted but, as in the reference, the dense phases always use (1, 10000).
-    Only pe_mode 'rope' is implemented (the 4B model's); 'ape' raises.
+    """Constructor args are FlowTransformer's (the reference's). Like the reference, this class also accepts and
+    ignores unknown keywords; `rope_freq` is stored but, as in the reference, the dense phases always use the
+    default (1, 10000).
     """
 
     COMPUTED_BUFFERS = ("rope_phases",)
 
-    def __init__(
-        self,
-        resolution: int,
-        in_channels: int,
-        model_channels: int,
-        cond_channels: int,
-        out_channels: int,
-        num_blocks: int,
-        num_heads: int | None = None,
-        num_head_channels: int = 64,
-        mlp_ratio: float = 4,
-        pe_mode: str = "ape",
-        rope_freq: tuple[float, float] = (1.0, 10000.0),
-        dtype: str | torch.dtype = "float32",
-        use_checkpoint: bool = False,
-        share_mod: bool = False,
-        initialization: str = "vanilla",
-        qk_rms_norm: bool = False,
-        qk_rms_norm_cross: bool = False,
-        **ignored: Any,
-    ):
-        if pe_mode != "rope":
-            raise NotImplementedError(f"pe_mode {pe_mode!r}: only 'rope' (the TRELLIS.2-4B setting) is implemented")
-        super().__init__(
-            in_channels, model_channels, cond_channels, out_channels, num_blocks, num_heads, num_head_channels,
-            mlp_ratio, share_mod, qk_rms_norm, qk_rms_norm_cross, dtype,
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **{k: v for k, v in kwargs.items() if k in _FLOW_ARGS})
+        self.register_buffer(
+            "rope_phases", torch.empty(self.resolution**3, self.head_dim // 2, dtype=torch.complex64)
         )
-        self.resolution = resolution
-        self.register_buffer("rope_phases", torch.empty(resolution**3, self.head_dim // 2, dtype=torch.complex64))
         self.compute_buffers()
 
     def compute_buffers(self) -> None:

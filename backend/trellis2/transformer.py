@@ -256,20 +256,33 @@ class FlowTransformer(nn.Module):
 
     def __init__(
         self,
+        resolution: int,
         in_channels: int,
         model_channels: int,
         cond_channels: int,
         out_channels: int,
         num_blocks: int,
-        num_heads: int | None,
-        num_head_channels: int,
-        mlp_ratio: float,
-        share_mod: bool,
-        qk_rms_norm: bool,
-        qk_rms_norm_cross: bool,
-        dtype: str | torch.dtype,
+        num_heads: int | None = None,
+        num_head_channels: int = 64,
+        mlp_ratio: float = 4,
+        pe_mode: str = "ape",
+        rope_freq: tuple[float, float] = (1.0, 10000.0),
+        dtype: str | torch.dtype = "float32",
+        use_checkpoint: bool = False,
+        share_mod: bool = False,
+        initialization: str = "vanilla",
+        qk_rms_norm: bool = False,
+        qk_rms_norm_cross: bool = False,
     ):
+        """The reference constructor's arguments (a checkpoint JSON's `args`). Without effect at inference:
+        `use_checkpoint` (gradient checkpointing) and `initialization` (weights come from the checkpoint).
+        Only pe_mode 'rope' (the 4B setting) is implemented; the reference default 'ape' raises, so a JSON that
+        leaves pe_mode out fails loudly instead of silently getting RoPE."""
+        if pe_mode != "rope":
+            raise NotImplementedError(f"pe_mode {pe_mode!r}: only 'rope' (the TRELLIS.2-4B setting) is implemented")
         super().__init__()
+        self.resolution = resolution
+        self.rope_freq = tuple(rope_freq)
         self.in_channels = in_channels
         self.model_channels = model_channels
         self.out_channels = out_channels
