@@ -54,6 +54,7 @@ def _sampler_overrides(raw: str | None, name: str) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> int:
+    from backend.trellis2.background import BackgroundModelError, LazyRemover
     from backend.trellis2.checkpoint import CheckpointError
     from backend.trellis2.image_cond import DinoV3LoadError
     from backend.trellis2.pipeline import Trellis2Pipeline
@@ -77,7 +78,9 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = ProgressLine()
     try:
         print(f"loading weights from {args.weights} ...", file=sys.stderr)
-        pipeline = Trellis2Pipeline.from_pretrained(args.weights, device=args.device, memory=args.memory)
+        remover = LazyRemover(args.rembg) if args.rembg else None
+        pipeline = Trellis2Pipeline.from_pretrained(args.weights, device=args.device, memory=args.memory,
+                                                    remover=remover)
         ovoxel = pipeline.run(args.image, settings, progress)
         progress.done(f"generated {ovoxel.coords.shape[0]} voxels, {ovoxel.faces.shape[0]} faces "
                       f"at {ovoxel.resolution}^3 in {progress.elapsed():.1f}s")
@@ -85,7 +88,7 @@ def run_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         progress.done("cancelled; nothing was written")
         return 130
-    except (CheckpointError, DinoV3LoadError, ImageInputError) as exc:
+    except (CheckpointError, DinoV3LoadError, ImageInputError, BackgroundModelError) as exc:
         progress.done(f"error: {exc}")
         return 1
     except PipelineError as exc:
@@ -123,6 +126,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--memory", choices=["auto", "gpu", "offload"], default="auto",
                    help="keep all models on the GPU, move each in for its stage, or decide from free memory")
+    p.add_argument("--rembg", metavar="SESSION_OR_ONNX",
+                   help="background remover for images without alpha: a rembg session name (default "
+                        "birefnet-general, MIT) or a local .onnx file")
     p.add_argument("--max-tokens", type=int, default=49152, help="token limit of the 1536 cascade")
     for name in ("ss-sampler", "shape-sampler", "texture-sampler"):
         p.add_argument(f"--{name}", metavar="JSON",

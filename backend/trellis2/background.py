@@ -136,3 +136,19 @@ def write_tiny_background_model(path: str | Path, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, path)
     return path
+
+
+class LazyRemover:
+    """A RembgRemover made on first use: images that carry their own alpha never need the model, so a missing
+    download must not stop the pipeline from loading; it fails (clearly) only the job that needs it."""
+
+    def __init__(self, spec: str | None = None):
+        self.spec = spec or DEFAULT_SESSION
+        self._remover: RembgRemover | None = None
+
+    def __call__(self, image: Image.Image) -> Image.Image:
+        if self._remover is None:
+            path = Path(self.spec).expanduser()
+            is_file = path.suffix == ".onnx" or path.is_file()
+            self._remover = RembgRemover(model_path=path) if is_file else RembgRemover(session=self.spec)
+        return self._remover(image)

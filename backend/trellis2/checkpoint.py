@@ -132,8 +132,20 @@ def resolve_stem(root: str, stem: str) -> CheckpointFiles:
     raise CheckpointError(
         f"checkpoint {stem!r} not found locally under {root!r} nor on the Hugging Face hub ("
         + " | ".join(errors)
-        + "). Put STEM.json and STEM.safetensors under the weights folder, or log in with `hf auth login` and "
-        "check your connection (HF_HUB_OFFLINE=1 uses only the local cache)."
+        + "). Put STEM.json and STEM.safetensors under the weights folder, or: "
+        + hub_hint()
+    )
+
+
+def hub_hint() -> str:
+    """What to do when the hub cannot be reached: the same advice wherever a download fails."""
+    from huggingface_hub import constants
+
+    return (
+        "download once where there is a connection (`hf download microsoft/TRELLIS.2-4B` and "
+        "`hf download microsoft/TRELLIS-image-large`; DINOv3 is gated: accept its licence on the hub page and "
+        f"`hf auth login` first); downloads are cached in {constants.HF_HUB_CACHE} (set HF_HOME to move it); "
+        "with HF_HUB_OFFLINE=1 only that cache and local folders are used"
     )
 
 
@@ -168,8 +180,8 @@ def read_pipeline_config(root: str) -> dict[str, Any]:
         config = json.loads(text)
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read pipeline.json from {root!r}: {exc}. Pass a folder holding pipeline.json and ckpts/, "
-            "or a Hugging Face repo id you can access (`hf auth login`; HF_HUB_OFFLINE=1 uses only the cache)."
+            f"cannot read pipeline.json from {root!r} ({str(exc).splitlines()[0]}). Pass a folder holding "
+            f"pipeline.json and ckpts/, or {hub_hint()}"
         ) from exc
     if not isinstance(config.get("args", {}).get("models"), dict):
         raise CheckpointError(f"{root}/pipeline.json has no args.models map")

@@ -185,10 +185,10 @@ class Trellis2Pipeline:
     ) -> Trellis2Pipeline:
         """Load what the given pipeline types need (default: every type the checkpoint supports).
 
-        `remover` replaces the background remover named by the weights (the hub's RMBG-2.0 is gated and
-        non-commercial, so by default we use an MIT BiRefNet through rembg).
+        `remover` replaces the background remover (default: a local ONNX file the weights folder names, else the
+        MIT BiRefNet through rembg; the hub's own choice, RMBG-2.0, is gated and non-commercial, so it is not used).
         """
-        from backend.trellis2.background import RembgRemover
+        from backend.trellis2.background import LazyRemover
         from backend.trellis2.image_cond import DinoV3Conditioner
 
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -214,8 +214,7 @@ class Trellis2Pipeline:
         conditioner = DinoV3Conditioner.from_pretrained(str(local_cond) if local_cond.exists() else cond_name)
         if remover is None:
             rembg_args = args.get("rembg_model", {}).get("args", {})
-            local_rembg = Path(weights) / rembg_args.get("model_path", "")
-            remover = RembgRemover(model_path=local_rembg) if "model_path" in rembg_args else RembgRemover()
+            remover = LazyRemover(str(Path(weights) / rembg_args["model_path"]) if "model_path" in rembg_args else None)
         offload = choose_offload(memory, device, model_bytes(models))
         log.info("device %s, %s", device, "offloading models between stages" if offload else "all models resident")
         store = ModelStore(models, device, offload)

@@ -157,3 +157,13 @@ def test_offload_store_moves_a_model_in_only_while_used() -> None:
     with store.use("m"):
         assert moves == ["cpu"]
     assert moves == ["cpu", "cpu"]
+
+
+def test_a_missing_background_model_fails_only_the_jobs_that_need_it(tiny_checkpoint, image) -> None:
+    from backend.trellis2.background import BackgroundModelError, LazyRemover
+
+    pipe = Trellis2Pipeline.from_pretrained(str(tiny_checkpoint), device="cpu",
+                                            remover=LazyRemover("/nonexistent/matte.onnx"))
+    assert pipe.run(image, _fast()).coords.shape[0] > 0  # RGBA input: no background removal needed
+    with pytest.raises(BackgroundModelError, match="/nonexistent/matte.onnx"):
+        pipe.run(image.convert("RGB"), _fast())
