@@ -3,6 +3,9 @@
 Voxel i covers the cube [coords_i, coords_i + 1) · voxel_size + origin of a `resolution`³ grid over the unit cube
 [-0.5, 0.5]³ (Z-up, as the training data). `attrs` holds the 6 PBR channels per voxel in `PBR_LAYOUT` order,
 unclamped (clamping happens only when textures become 8-bit). The mesh is the decoder's raw dual-grid surface.
+It may also carry its flexible dual grid, row-aligned with `coords` (spec §7.1): `dual_vertices` (voxel units
+from the voxel's min corner), `intersected` (edge flags) and `split_weight`. The generation pipeline and the
+encoder (`backend.asset.encode`) both fill them; older files without them still load.
 Saved as a plain `.npz`, so re-baking with other asset settings needs no regeneration.
 """
 
@@ -17,6 +20,7 @@ from typing import Any
 import numpy as np
 
 PBR_LAYOUT = {"base_color": (0, 3), "metallic": (3, 4), "roughness": (4, 5), "alpha": (5, 6)}
+DUAL_GRID_FIELDS = (("dual_vertices", np.float32, 3), ("intersected", np.bool_, 3), ("split_weight", np.float32, 1))
 FORMAT_VERSION = 1
 
 
@@ -28,6 +32,9 @@ class OVoxel:
     vertices: np.ndarray  # float32 [V, 3], world units inside [-0.5, 0.5]^3
     faces: np.ndarray  # int32 [F, 3]
     metadata: dict[str, Any] = field(default_factory=dict)
+    dual_vertices: np.ndarray | None = None  # float32 [N, 3]
+    intersected: np.ndarray | None = None  # bool [N, 3]
+    split_weight: np.ndarray | None = None  # float32 [N, 1], > 0
 
     @property
     def voxel_size(self) -> float:
@@ -50,11 +57,21 @@ class OVoxel:
             raise ValueError("O-Voxel mesh must be vertices [V, 3] and faces [F, 3]")
         if self.resolution <= 0:
             raise ValueError(f"O-Voxel resolution must be positive, got {self.resolution}")
+        n = self.coords.shape[0]
+        for name, dtype, width in DUAL_GRID_FIELDS:
+            value = getattr(self, name)
+            if value is not None:
+                value = np.ascontiguousarray(value, dtype=dtype)
+                if value.shape != (n, width):
+                    raise ValueError(f"O-Voxel {name} must be [{n}, {width}], got {value.shape}")
+                setattr(self, name, value)
 
     def to_bytes(self) -> bytes:
         buf = io.BytesIO()
+        optional = {name: getattr(self, name) for name, _, _ in DUAL_GRID_FIELDS if getattr(self, name) is not None}
         np.savez_compressed(
             buf,
+            **optional,
             coords=self.coords,
             attrs=self.attrs,
             vertices=self.vertices,
@@ -78,8 +95,9 @@ class OVoxel:
                         f"O-Voxel file format {header.get('format_version')} is not {FORMAT_VERSION}; "
                         "regenerate it with this version"
                     )
+                optional = {name: z[name] for name, _, _ in DUAL_GRID_FIELDS if name in z.files}
                 return cls(z["coords"], z["attrs"], int(header["resolution"]), z["vertices"], z["faces"],
-                           header.get("metadata", {}))
+                           header.get("metadata", {}), **optional)
         except (KeyError, OSError, ValueError, json.JSONDecodeError) as exc:
             raise ValueError(f"not a valid O-Voxel .npz: {exc}") from exc
 

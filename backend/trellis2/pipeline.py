@@ -308,11 +308,16 @@ class Trellis2Pipeline:
             tex = dec(tex_slat, guide_subs=shape.subs)
         progress("decode", 2, 2)
         vertices, faces = shape.meshes[0]
+        if not torch.equal(shape.vertices.coords, tex.coords):
+            raise RuntimeError("texture decoder voxels differ from the shape decoder's (guide_subs not followed)")
         return OVoxel(
             coords=tex.coords[:, 1:].cpu().numpy(),
             attrs=(tex.feats.float() * 0.5 + 0.5).cpu().numpy(),
             resolution=resolution,
             vertices=vertices.cpu().numpy(),
             faces=faces.cpu().numpy(),
+            dual_vertices=shape.vertices.feats.float().cpu().numpy(),
+            intersected=shape.intersected.feats.cpu().numpy(),
+            split_weight=shape.quad_lerp.feats.float().cpu().numpy(),
             metadata={"pipeline_type": type_name, "seed": settings.seed, "tokens": int(shape_slat.feats.shape[0])},
         )

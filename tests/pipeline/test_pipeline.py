@@ -167,3 +167,12 @@ def test_a_missing_background_model_fails_only_the_jobs_that_need_it(tiny_checkp
     assert pipe.run(image, _fast()).coords.shape[0] > 0  # RGBA input: no background removal needed
     with pytest.raises(BackgroundModelError, match="/nonexistent/matte.onnx"):
         pipe.run(image.convert("RGB"), _fast())
+
+
+def test_the_ovoxel_carries_a_dual_grid_that_rebuilds_the_decoded_mesh(pipe, image) -> None:
+    from backend.asset.encode import decode_dual_grid
+
+    result = pipe.run(image, _fast(seed=5))
+    vertices, faces = decode_dual_grid(result)
+    assert np.array_equal(faces, result.faces)
+    assert np.allclose(vertices, result.vertices, atol=1e-6)
