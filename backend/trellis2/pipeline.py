@@ -105,6 +105,8 @@ class GenerationSettings:
             raise ValueError(f"pipeline_type {settings.pipeline_type!r} is not one of {sorted(PIPELINE_TYPES)}")
         if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
             raise ValueError(f"seed must be an integer in [0, 2^63), got {settings.seed!r}")
+        if not isinstance(settings.preprocess, bool):
+            raise ValueError(f"preprocess must be true or false, got {settings.preprocess!r}")
         if not isinstance(settings.max_num_tokens, int) or settings.max_num_tokens < 1:
             raise ValueError(f"max_num_tokens must be a positive integer, got {settings.max_num_tokens!r}")
         for name in ("sparse_structure_sampler", "shape_sampler", "texture_sampler"):

@@ -126,6 +126,7 @@ def test_image_without_alpha_goes_through_background_removal(pipe) -> None:
         ({"shape_sampler": {"stepz": 3}}, "stepz"),
         ({"texture_sampler": {"guidance_interval": [0.9, 0.1]}}, "guidance_interval"),
         ({"colour": "red"}, "colour"),
+        ({"preprocess": "yes"}, "preprocess"),
     ],
 )
 def test_bad_settings_are_rejected_with_the_field_named(raw, fragment) -> None:

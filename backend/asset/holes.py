@@ -1,0 +1,52 @@
+"""Small-hole filling (spec §7.2): each boundary loop shorter than a perimeter limit gets a centroid fan.
+
+Loops are the connected components of the boundary-edge graph; only simple loops (every vertex on exactly two
+of the loop's boundary edges) are filled, so a pinched or branching boundary is left alone rather than guessed.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from backend.asset.meshutil import connected_components, edges_of
+
+
+def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor, max_perimeter: float
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vertices, faces) with one new vertex and one fan triangle per boundary edge for each small hole.
+
+    The new vertex sits at the mean of the loop's edge midpoints, as the reference places it. Fan triangles
+    run against the boundary side they close (side a->b of a face gives triangle b, a, centre), so they take
+    the winding of the faces around the hole.
+    """
+    nv = vertices.shape[0]
+    f = faces.long()
+    edges = edges_of(f, nv)
+    side_edge = edges.of_side.reshape(-1)
+    boundary_side = torch.nonzero(edges.count[side_edge] == 1).squeeze(1)
+    if boundary_side.numel() == 0:
+        return vertices, faces
+    a = f.reshape(-1)[boundary_side]
+    b = f.roll(-1, dims=1).reshape(-1)[boundary_side]
+
+    label = connected_components(nv, a, b)[a]  # loop id per boundary side
+    length = (vertices[a] - vertices[b]).norm(dim=1)
+    degree = torch.zeros(nv, dtype=torch.long, device=f.device)
+    degree.index_add_(0, a, torch.ones_like(a)).index_add_(0, b, torch.ones_like(b))
+    perimeter = torch.zeros(nv, dtype=vertices.dtype, device=f.device).index_add_(0, label, length)
+    simple = torch.ones(nv, dtype=torch.bool, device=f.device)
+    simple.scatter_reduce_(0, label, (degree[a] == 2) & (degree[b] == 2), "amin")
+    fill = (perimeter[label] < max_perimeter) & simple[label]
+    if not bool(fill.any()):
+        return vertices, faces
+
+    a, b, label, length = a[fill], b[fill], label[fill], length[fill]
+    loops, slot = torch.unique(label, return_inverse=True)
+    count = torch.zeros(loops.numel(), dtype=vertices.dtype, device=f.device).index_add_(
+        0, slot, torch.ones_like(length))
+    midpoint_sum = torch.zeros(loops.numel(), 3, dtype=vertices.dtype, device=f.device).index_add_(
+        0, slot, 0.5 * (vertices[a] + vertices[b]))
+    centres = midpoint_sum / count.unsqueeze(1)
+    centre_id = nv + slot
+    fan = torch.stack([b, a, centre_id], dim=1).to(faces.dtype)
+    return torch.cat([vertices, centres]), torch.cat([faces, fan])

@@ -1,0 +1,108 @@
+"""Mesh primitives shared by the post-processing steps, written as whole-tensor torch ops.
+
+Everything here runs unchanged on CPU and GPU: no Python loop over vertices or faces, only loops whose trip count
+grows with log(size) (label propagation with pointer jumping). That is what lets one implementation be both the
+CPU path CI runs and the GPU path the benchmark times.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+INT64_MAX = torch.iinfo(torch.int64).max
+
+
+@dataclass
+class Edges:
+    """Undirected edges of a triangle mesh and how the faces use them.
+
+    `pairs` [E, 2] holds (low, high) vertex ids; `count` [E] how many face sides lie on each edge (1 = boundary,
+    2 = manifold interior, > 2 = non-manifold); `of_side` [F, 3] the edge of face side k, the side from corner k
+    to corner k + 1.
+    """
+
+    pairs: torch.Tensor
+    count: torch.Tensor
+    of_side: torch.Tensor
+
+
+def face_sides(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directed sides (start [F, 3], end [F, 3]); side k goes from corner k to corner k + 1."""
+    return faces, faces.roll(-1, dims=1)
+
+
+def edges_of(faces: torch.Tensor, num_vertices: int) -> Edges:
+    start, end = face_sides(faces.long())
+    lo, hi = torch.minimum(start, end), torch.maximum(start, end)
+    keys, inverse, count = torch.unique((lo * num_vertices + hi).reshape(-1), return_inverse=True, return_counts=True)
+    pairs = torch.stack([keys // num_vertices, keys % num_vertices], dim=1)
+    return Edges(pairs, count, inverse.reshape(-1, 3))
+
+
+def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Unnormalised normals [F, 3]: length = 2 x area, direction by counter-clockwise winding."""
+    p = vertices[faces.long()]
+    return torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+
+
+def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
+    """Area-weighted unit vertex normals [V, 3]; an unreferenced vertex gets +Z rather than NaN."""
+    n = face_normals(vertices, faces)
+    acc = torch.zeros_like(vertices).index_add_(0, faces.long().reshape(-1), n.repeat_interleave(3, dim=0))
+    length = acc.norm(dim=1, keepdim=True)
+    up = torch.zeros_like(acc)
+    up[:, 2] = 1.0
+    return torch.where(length > 1e-20, acc / length.clamp_min(1e-30), up)
+
+
+def compact(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drops unreferenced vertices; keeps the order of those that stay."""
+    used = torch.zeros(vertices.shape[0], dtype=torch.bool, device=vertices.device)
+    used[faces.long().reshape(-1)] = True
+    new_id = torch.cumsum(used, 0) - 1
+    return vertices[used], new_id[faces.long()].to(faces.dtype)
+
+
+def jump_to_roots(parent: torch.Tensor) -> torch.Tensor:
+    """Pointer jumping until every entry points at its root (a node that is its own parent)."""
+    while True:
+        grand = parent[parent]
+        if torch.equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def connected_components(num_nodes: int, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Label [num_nodes] = smallest node id of each node's component in the graph with edges (u, v).
+
+    Roots hook under the smallest neighbouring root, then pointer jumping flattens the trees; a parent id only
+    ever decreases, so no cycle can form, and the rounds needed grow with log(size) on meshes.
+    """
+    label = torch.arange(num_nodes, device=u.device)
+    u, v = u.long(), v.long()
+    while True:
+        lu, lv = label[u], label[v]
+        low = torch.minimum(lu, lv)
+        hooked = label.clone()
+        hooked.scatter_reduce_(0, lu, low, "amin")
+        hooked.scatter_reduce_(0, lv, low, "amin")
+        hooked = jump_to_roots(hooked)
+        if torch.equal(hooked, label):
+            return label
+        label = hooked
+
+
+def segment_argmin(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Index [num_segments] of the smallest non-negative float32 value of each segment (-1 where empty).
+
+    Non-negative float32 bit patterns sort like the floats, so (bits << 32 | index) packs value and position
+    into one int64 that a single scatter-min can reduce; ties go to the lower index.
+    """
+    bits = values.float().clamp_min(0).contiguous().view(torch.int32).long()
+    index = torch.arange(values.numel(), device=values.device)
+    key = (bits << 32) | index
+    best = torch.full((num_segments,), INT64_MAX, dtype=torch.int64, device=values.device)
+    best.scatter_reduce_(0, segment.long(), key, "amin")
+    return torch.where(best == INT64_MAX, torch.full_like(best, -1), best & 0xFFFFFFFF)

@@ -1,0 +1,107 @@
+"""Orientation, cleanup and small-hole filling on meshes with known topology."""
+
+from __future__ import annotations
+
+import torch
+from asset_shapes import sheet, sphere_sdf, uv_sphere, voxelize
+
+from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces, unify_orientation
+from backend.asset.holes import fill_small_holes
+from backend.asset.meshutil import compact, connected_components, edges_of
+
+
+def directed_edges_agree(faces: torch.Tensor) -> bool:
+    """Every edge with two faces is walked once each way (consistent winding)."""
+    start, end = faces.long(), faces.long().roll(-1, dims=1)
+    n = int(faces.max()) + 1
+    directed = (start * n + end).reshape(-1)
+    reverse = (end * n + start).reshape(-1)
+    edges = edges_of(faces, n)
+    interior = edges.count[edges.of_side.reshape(-1)] == 2
+    return bool(torch.isin(reverse[interior], directed).all())
+
+
+def signed_volume(vertices: torch.Tensor, faces: torch.Tensor) -> float:
+    p = vertices.double()[faces.long()]
+    return float((p[:, 0] * torch.linalg.cross(p[:, 1], p[:, 2])).sum() / 6)
+
+
+def test_connected_components_labels_each_component_by_its_smallest_node() -> None:
+    u = torch.tensor([5, 1, 2, 7, 8])
+    v = torch.tensor([4, 2, 3, 8, 9])
+    label = connected_components(10, u, v)
+    assert label.tolist() == [0, 1, 1, 1, 4, 4, 6, 7, 7, 7]
+
+
+def test_unify_orientation_repairs_random_flips_and_faces_outwards() -> None:
+    v, f = uv_sphere(24, 32)
+    g = torch.Generator().manual_seed(0)
+    flip = torch.rand(f.shape[0], generator=g) < 0.5
+    scrambled = torch.where(flip[:, None], f[:, [0, 2, 1]], f)
+    assert not directed_edges_agree(scrambled)
+    fixed = unify_orientation(v, scrambled)
+    assert torch.equal(fixed, f)
+    inverted = unify_orientation(v, f[:, [0, 2, 1]])  # all faces inwards: the whole component turns
+    assert torch.equal(inverted, f)
+
+
+def test_decoded_dual_grid_mesh_becomes_consistent_and_outward() -> None:
+    ov = voxelize(sphere_sdf((0.05, 0, 0), 0.3), 32)
+    v, f = torch.from_numpy(ov.vertices), torch.from_numpy(ov.faces)
+    assert not directed_edges_agree(f)  # the decoder's fixed per-axis corner order
+    v, f = clean(v, f)
+    assert directed_edges_agree(f)
+    assert abs(signed_volume(v, f) - 4 / 3 * torch.pi * 0.3**3) < 0.03 * 4 / 3 * torch.pi * 0.3**3
+
+
+def test_degenerate_and_duplicate_faces_go() -> None:
+    f = torch.tensor([[0, 1, 2], [2, 0, 1], [1, 1, 3], [0, 2, 1], [1, 2, 3]], dtype=torch.int32)
+    out = remove_degenerate_and_duplicate_faces(f)
+    assert out.tolist() == [[0, 1, 2], [1, 2, 3]]
+
+
+def punch(faces: torch.Tensor, drop: list[int]) -> torch.Tensor:
+    keep = torch.ones(faces.shape[0], dtype=torch.bool)
+    keep[drop] = False
+    return faces[keep]
+
+
+def boundary_sides(faces: torch.Tensor, n: int) -> int:
+    return int((edges_of(faces, n).count == 1).sum())
+
+
+def test_small_hole_closes_large_hole_stays() -> None:
+    v, f = uv_sphere(32, 32)
+    def quad(ring: int, segment: int) -> list[int]:  # uv_sphere: per ring, 32 (a, c, d) then 32 (a, d, b)
+        first = 32 + 64 * ring + segment
+        return [first, first + 32]
+
+    small = quad(2, 5)  # a 4-edge hole
+    large = [i for s in range(20) for i in quad(8, s)]  # a strip of 20 quads: 42 edges
+    holed = punch(f, small + large)
+    corners = f[small].reshape(-1).unique()
+    rim = edges_of(f[small], v.shape[0])
+    rim_pairs = rim.pairs[rim.count == 1]
+    perimeter_small = float((v[rim_pairs[:, 0]] - v[rim_pairs[:, 1]]).norm(dim=1).sum())
+    assert boundary_sides(holed, v.shape[0]) == 4 + 42
+    v2, f2 = fill_small_holes(v, holed, max_perimeter=0.5)
+    assert perimeter_small < 0.5 < 5 * perimeter_small  # the strip's rim is about 10x longer
+    assert v2.shape[0] == v.shape[0] + 1  # one centre vertex, for the small hole only
+    assert f2.shape[0] == holed.shape[0] + 4
+    assert boundary_sides(f2, v2.shape[0]) == 42
+    assert directed_edges_agree(f2)
+    assert torch.allclose(v2[-1], v[corners].mean(dim=0), atol=1e-6)  # midpoint mean = vertex mean on a quad
+
+
+def test_open_sheet_boundary_is_not_a_small_hole() -> None:
+    v, f = sheet(20)
+    v2, f2 = fill_small_holes(v, f, max_perimeter=3e-2)
+    assert torch.equal(f2, f) and torch.equal(v2, v)
+
+
+def test_compact_drops_unreferenced_vertices_in_order() -> None:
+    v = torch.arange(15, dtype=torch.float32).reshape(5, 3)
+    f = torch.tensor([[4, 1, 3]], dtype=torch.int32)
+    v2, f2 = compact(v, f)
+    assert v2.tolist() == [v[1].tolist(), v[3].tolist(), v[4].tolist()]
+    assert f2.tolist() == [[2, 0, 1]]

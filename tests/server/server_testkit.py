@@ -1,0 +1,119 @@
+"""Helpers for the server tests (fixtures live in conftest.py next to this file).
+
+The shared server's asset step is wrapped with two test controls: a gate that holds a job mid-run (calling
+progress, so it can be cancelled there) and a one-shot fault to raise, to check that failures stay with their job.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import zmq
+from PIL import Image
+
+from backend.server.worker import Engine, load_engine
+from protocol import Client, Message, Progress, decode, encode, split_envelope
+
+FAST_ASSET = {"faces": 1000, "texture_size": 256}  # keeps the real asset step at a fraction of a second
+HELD_STAGE = "held"
+
+
+class Controls:
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.gate.set()
+        self.fault: BaseException | None = None
+
+    def reset(self) -> None:
+        self.fault = None
+        self.gate.set()
+
+
+def controlled_engine(weights: Path, controls: Controls) -> Engine:
+    engine = load_engine(str(weights), "cpu")
+    real = engine.build_asset
+
+    def build_asset(ovoxel, settings, progress):
+        fault, controls.fault = controls.fault, None
+        if fault is not None:
+            raise fault
+        while not controls.gate.wait(0.01):
+            progress(HELD_STAGE, 0, 0)
+        return real(ovoxel, settings, progress)
+
+    engine.build_asset = build_asset
+    return engine
+
+
+def png(seed: int = 0, size: int = 64) -> bytes:
+    rgba = (np.random.default_rng(seed).random((size, size, 4)) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgba).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+
+
+def corrupt_png() -> bytes:
+    """A PNG whose header is fine (the protocol accepts it) but whose pixel data is garbage."""
+    data = bytearray(png())
+    data[60:400] = bytes(340)
+    return bytes(data)
+
+
+def last(events) -> Message:
+    """The final (terminal) message of a job's event stream."""
+    msg = None
+    for msg in events:
+        pass
+    return msg
+
+
+def wait_for_stage(client: Client, job_id: str, stage: str, timeout: float = 60) -> None:
+    """Consume the job's events until a progress of `stage` arrives."""
+    for msg in client.events(job_id, timeout):
+        assert not msg.TERMINAL, f"job ended before reaching stage {stage}: {msg}"
+        if isinstance(msg, Progress) and msg.stage == stage:
+            return
+
+
+def connect(endpoint: str, **kwargs) -> Client:
+    """A client patient enough for a loaded 2-core machine."""
+    return Client(endpoint, **{"timeout": 30.0, "heartbeat_interval": 0.5, "dead_after": 15.0, **kwargs})
+
+
+class RawPeer:
+    """A bare DEALER socket, to send what a well-behaved Client never would."""
+
+    def __init__(self, endpoint: str) -> None:
+        self.sock = zmq.Context.instance().socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+
+    def send_frames(self, frames: list[bytes]) -> None:
+        self.sock.send_multipart(frames)
+
+    def send(self, msg: Message) -> None:
+        self.send_frames([b"", *encode(msg)])
+
+    def recv(self, timeout: float = 15.0) -> Message | None:
+        if not self.sock.poll(int(timeout * 1000)):
+            return None
+        _, frames = split_envelope(self.sock.recv_multipart())
+        return decode(frames, sender="server")
+
+    def close(self) -> None:
+        self.sock.close(linger=0)

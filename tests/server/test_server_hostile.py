@@ -1,0 +1,100 @@
+"""Hostile, malformed, oversized and wrong-version messages against the shared server: each gets a clear error
+(or, for frames beyond the socket's size limit, a dropped connection), and the server goes on serving."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+
+from protocol import PROTOCOL_VERSION, Cancel, Error, ErrorCode, Fetch, Hello, Info, Ping, Pong, Result, encode
+from server_testkit import RawPeer, connect, png
+
+
+def header(kind: str, body: dict, v: int = PROTOCOL_VERSION, frames: list | None = None) -> bytes:
+    return msgpack.packb({"v": v, "type": kind, "body": body, "frames": frames or []})
+
+
+SUBMIT_BODY = {"settings": {}, "client_job_id": None}
+IMAGE_FRAME = [{"frame": 1, "field": "image"}]
+
+
+@pytest.fixture
+def peer(server):
+    peer = RawPeer(server.endpoint)
+    yield peer
+    peer.close()
+
+
+def assert_alive(peer: RawPeer) -> None:
+    peer.send(Ping(77))
+    assert peer.recv() == Pong(77)
+
+
+@pytest.mark.parametrize("frames, code", [
+    ([b"no delimiter frame"], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", b"\xc1 is never msgpack"], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", msgpack.packb([1, 2, 3])], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", header("launch", {})], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", header("ping", {"seq": "1"})], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", header("ping", {"seq": 1, "extra": 2})], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", header("pong", {"seq": 1})], ErrorCode.MALFORMED_MESSAGE),  # a server's message, from a client
+    ([b"", header("result", {"job_id": "x", "metadata": {}})], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", header("submit", SUBMIT_BODY, frames=IMAGE_FRAME), b"not an image at all"], ErrorCode.INVALID_IMAGE),
+    ([b"", header("submit", SUBMIT_BODY, frames=IMAGE_FRAME)], ErrorCode.MALFORMED_MESSAGE),  # frame missing
+    ([b"", header("submit", {"settings": {"a": [[[[[[[[[1]]]]]]]]]}, "client_job_id": None}, frames=IMAGE_FRAME),
+      png()], ErrorCode.MALFORMED_MESSAGE),  # nested too deep
+    ([b"", header("fetch", {"job_id": "../../etc/passwd"})], ErrorCode.MALFORMED_MESSAGE),
+    ([b"", header("ping", {"seq": 1}, v=99)], ErrorCode.VERSION_MISMATCH),
+    ([b"", bytes((1 << 20) + 1)], ErrorCode.LIMIT_EXCEEDED),  # a header beyond max_header_bytes
+    ([b"", header("ping", {"seq": 1}), *[b"x"] * 65], ErrorCode.LIMIT_EXCEEDED),  # more frames than max_arrays
+])
+def test_bad_messages_get_a_clear_error_and_the_server_goes_on(peer, frames, code):
+    peer.send_frames(frames)
+    reply = peer.recv()
+    assert isinstance(reply, Error) and reply.code == code and reply.job_id is None and reply.hint
+    assert_alive(peer)
+
+
+def test_wrong_protocol_version_names_both_versions(peer):
+    peer.send_frames([b"", header("hello", {"client": "old", "client_version": "0"}, v=PROTOCOL_VERSION + 1)])
+    reply = peer.recv()
+    assert isinstance(reply, Error) and reply.code == ErrorCode.VERSION_MISMATCH
+    assert str(PROTOCOL_VERSION) in reply.message and str(PROTOCOL_VERSION + 1) in reply.message
+
+
+def test_an_oversized_frame_costs_only_that_connection(server, peer):
+    too_big = server.config.limits.max_image_bytes + 1  # beyond the server socket's MAXMSGSIZE
+    peer.send_frames([b"", header("submit", SUBMIT_BODY, frames=IMAGE_FRAME), bytes(too_big)])
+    assert peer.recv(timeout=1.0) is None, "libzmq drops such a peer without reading the frame"
+    with connect(server.endpoint) as client:
+        assert isinstance(client.hello(), Info)
+    assert_alive(peer)  # the DEALER reconnects by itself
+
+
+def test_fuzzed_messages_never_stop_the_server(server, peer):
+    rng = random.Random(6)
+    seeds = [encode(m) for m in (Ping(1), Hello("fuzz", "1"), Fetch("some-job"), Cancel("other-job"))]
+    for _ in range(300):
+        frames = [bytearray(f) for f in rng.choice(seeds)]
+        for _ in range(rng.randint(1, 6)):
+            target = rng.choice(frames)
+            if target:
+                target[rng.randrange(len(target))] = rng.randrange(256)
+        if rng.random() < 0.2:
+            frames[0] = frames[0][:rng.randrange(len(frames[0]) + 1)]
+        peer.send_frames([b"", *map(bytes, frames)])
+    replies = 0
+    while peer.recv(timeout=2.0) is not None:
+        replies += 1
+    assert replies >= 290, "nearly every message gets an answer (a hello whose limits cannot hold `info` gets none)"
+    assert_alive(peer)
+    with connect(server.endpoint) as client:
+        assert isinstance(client.hello(), Info)
+
+
+def test_a_result_from_a_client_is_refused(peer):
+    peer.send(Result("job-1"))
+    reply = peer.recv()
+    assert isinstance(reply, Error) and reply.code == ErrorCode.MALFORMED_MESSAGE and "server" in reply.message
