@@ -24,7 +24,6 @@ from backend.native import VoxelIndex
 class BakedTextures:
     base_color: torch.Tensor  # uint8 [T, T, 4] RGBA, top row first
     metallic_roughness: torch.Tensor  # uint8 [T, T, 3] (0, roughness, metallic)
-    covered: torch.Tensor  # bool [T, T] texels some triangle covers
 
 
 def texel_attributes(layout: UVLayout, vertices: torch.Tensor, reference_vertices: torch.Tensor,
@@ -61,4 +60,4 @@ def to_textures(image: torch.Tensor, covered: torch.Tensor) -> BakedTextures:
     base_color = torch.cat([channels("base_color"), channels("alpha")], dim=-1)
     metallic_roughness = torch.cat([torch.zeros_like(channels("metallic")), channels("roughness"),
                                     channels("metallic")], dim=-1)
-    return BakedTextures(base_color, metallic_roughness, covered)
+    return BakedTextures(base_color, metallic_roughness)

@@ -2,8 +2,9 @@
 
 First the ring of texels touching a chart takes the mean of the chart texels around it: charts lie at least
 two texels apart, so that ring belongs to one chart, and bilinear filtering at the chart's edge (whose
-texels' centres may fall just outside its triangles) reads that chart's own colours. Then push-pull: a coverage-weighted image pyramid is built down to 1x1 ("push"), then each level's empty texels
-take the bilinearly upsampled colour of the level below ("pull"). Every empty texel ends with a smooth blend of
+texels' centres may fall just outside its triangles) reads that chart's own colours. Then push-pull: a
+coverage-weighted image pyramid is built down to 1x1 ("push"), then each level's empty texels take the
+bilinearly upsampled colour of the level below ("pull"). Every empty texel ends with a smooth blend of
 its nearest covered texels, so bilinear filtering and mip-mapping at chart borders see plausible colours.
 Covered texels are never changed. It costs a few full-image passes (tens of milliseconds for 4096^2 on a GPU)
 where the reference's OpenCV Telea inpainting spends seconds on the CPU.

@@ -65,6 +65,16 @@ def compact(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, 
     return vertices[used], new_id[faces.long()].to(faces.dtype)
 
 
+def expand_segments(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(segment, position inside it) for every element of consecutive segments of the given lengths.
+
+    The vectorised form of `for s in segments: for i in range(count[s])`, used wherever each item (a triangle,
+    a query) fans out into a variable number of candidates.
+    """
+    segment = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
+    return segment, torch.arange(segment.numel(), device=count.device) - (torch.cumsum(count, 0) - count)[segment]
+
+
 def jump_to_roots(parent: torch.Tensor) -> torch.Tensor:
     """Pointer jumping until every entry points at its root (a node that is its own parent)."""
     while True:

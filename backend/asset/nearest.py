@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.asset.meshutil import segment_argmin
+from backend.asset.meshutil import expand_segments, segment_argmin
 
 
 def closest_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
@@ -81,9 +81,7 @@ class TriangleGrid:
         self.dims = (c_hi.amax(dim=0) + 1 if faces.shape[0] else c_hi.new_ones(3)).clamp_min(1)
         span = c_hi - c_lo + 1
         count = span.prod(dim=1)
-        face = torch.repeat_interleave(torch.arange(faces.shape[0], device=faces.device), count)
-        local = torch.arange(face.numel(), device=faces.device) - torch.repeat_interleave(
-            torch.cumsum(count, 0) - count, count)
+        face, local = expand_segments(count)
         s = span[face]
         offset = torch.stack([local // (s[:, 1] * s[:, 2]), local // s[:, 2] % s[:, 1], local % s[:, 2]], dim=1)
         self.keys, order = torch.sort(self._key(c_lo[face] + offset))
@@ -110,9 +108,9 @@ class TriangleGrid:
             last = max(first + 1, int(torch.searchsorted(ends, base + max_pairs, right=True)))
             last = min(last, m)
             n = count[first:last]
-            owner = torch.repeat_interleave(torch.arange(first, last, device=points.device), n)
+            owner, local = expand_segments(n)
+            owner = owner + first
             if owner.numel():
-                local = torch.arange(owner.numel(), device=points.device) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
                 cand = self.cell_faces[start[owner] + local]
                 tri = self.vertices[self.faces[cand]]
                 w = closest_on_triangles(points[owner], tri[:, 0], tri[:, 1], tri[:, 2])

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from backend.asset.meshutil import expand_segments
+
 
 @dataclass
 class Raster:
@@ -43,8 +45,8 @@ def rasterize(pixels: torch.Tensor, faces: torch.Tensor, height: int, width: int
         base = int(ends[first - 1]) if first else 0
         last = min(nf, max(first + 1, int(torch.searchsorted(ends, base + max_pairs, right=True))))
         n = count[first:last]
-        face = torch.repeat_interleave(torch.arange(first, last, device=device), n)
-        local = torch.arange(face.numel(), device=device) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
+        face, local = expand_segments(n)
+        face = face + first
         w = span[face, 0]
         x = lo[face, 0] + local % w
         y = lo[face, 1] + local // w

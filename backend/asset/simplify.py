@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 import torch
 
-from backend.asset.meshutil import INT64_MAX, compact, edges_of, face_normals
+from backend.asset.meshutil import INT64_MAX, compact, edges_of, expand_segments, face_normals
 
 QUALITY_FLOOR = 0.1  # a collapse may not leave a face skinnier than this and than it was before
 MIN_NORMAL_COS = 0.2  # a collapse may not turn a face's normal by more than ~78 degrees
@@ -90,8 +90,7 @@ def _link_condition(x: torch.Tensor, y: torch.Tensor, required: torch.Tensor, ed
     More common neighbours means the collapse would fuse two edges into one and pinch the surface.
     """
     start, length = offsets[x], offsets[x + 1] - offsets[x]
-    owner = torch.repeat_interleave(torch.arange(x.numel(), device=x.device), length)
-    local = torch.arange(owner.numel(), device=x.device) - torch.repeat_interleave(torch.cumsum(length, 0) - length, length)
+    owner, local = expand_segments(length)
     c = neighbours[start[owner] + local]
     yy = y[owner]
     key = torch.minimum(c, yy) * num_vertices + torch.maximum(c, yy)

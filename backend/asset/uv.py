@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from backend.asset.meshutil import edges_of, face_normals, segment_argmin
+from backend.asset.meshutil import edges_of, expand_segments, face_normals, segment_argmin
 
 ROTATION_TRIALS = 16
 
@@ -187,21 +187,25 @@ def pack_rectangles(sizes: torch.Tensor, texture_size: int, padding: int) -> tup
 
 
 def _column_profiles(local: torch.Tensor, faces: torch.Tensor, face_chart: torch.Tensor, num_charts: int,
-                     scale: float, padding: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Per chart, the lowest and highest texel row its triangles reach in each texel column, grown by the gutter.
+                     scale: float, padding: int, column: int
+                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Per chart, the lowest and highest texel row its triangles reach in each column, grown by the gutter.
 
-    Returns (width [C], start [C], bottom [sum width], top [sum width]): chart c owns entries start..start+width,
-    column i of those is texel column i - padding of its box; a column nothing reaches has bottom inf, top -inf.
+    Columns are `column` texels wide and the gutter takes `padding` of them on each side (rows are exact, in
+    texels). Returns (width [C], start [C], bottom [sum width], top [sum width]): chart c owns entries
+    start..start+width, entry i covering texels [(i - padding) x column, ...) of its box; a column nothing
+    reaches has bottom inf, top -inf.
     """
     tri = (local * scale)[faces]
-    x0, x1 = tri[..., 0].amin(dim=1).floor().long(), tri[..., 0].amax(dim=1).floor().long()
+    x0 = torch.div(tri[..., 0].amin(dim=1), column).floor().long()
+    x1 = torch.div(tri[..., 0].amax(dim=1), column).floor().long()
     y0, y1 = tri[..., 1].amin(dim=1), tri[..., 1].amax(dim=1)
     width = torch.zeros(num_charts, dtype=torch.long, device=local.device).scatter_reduce_(
         0, face_chart, x1 + 1, "amax") + 2 * padding
     start = torch.cumsum(width, 0) - width
     n = x1 - x0 + 1
-    tri_id = torch.repeat_interleave(torch.arange(faces.shape[0], device=local.device), n)
-    col = x0[tri_id] + torch.arange(tri_id.numel(), device=local.device) - (torch.cumsum(n, 0) - n).repeat_interleave(n)
+    tri_id, step = expand_segments(n)
+    col = x0[tri_id] + step
     slot = start[face_chart[tri_id]] + padding + col
     total = int(width.sum())
     bottom = torch.full((total,), torch.inf, dtype=torch.float64, device=local.device)
@@ -217,6 +221,7 @@ def _column_profiles(local: torch.Tensor, faces: torch.Tensor, face_chart: torch
 
 
 SKYLINE_STRIDE = 2  # columns between the first-pass trial positions of a chart
+SKYLINE_COLUMNS = 1024  # skyline resolution across: larger textures pack in columns of several texels
 
 
 def _resting_place(sky: np.ndarray, bottom: np.ndarray, floor: float) -> tuple[int, float]:
@@ -233,26 +238,27 @@ def _resting_place(sky: np.ndarray, bottom: np.ndarray, floor: float) -> tuple[i
     return first + x, float(rest[x])
 
 
-def _skyline_pack(profiles: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], texture_size: int
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
+def _skyline_pack(profiles: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]], columns: int,
+                  texture_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, float] | None:
     """Charts dropped tallest first onto a skyline, each where (and in the pose) it comes to rest lowest.
 
     `profiles` holds one `_column_profiles` result per pose (here: the four quarter turns). The
     skyline keeps, per texel column, the highest row used so far; a chart rests where its per-column bottom
     profile first touches it, so irregular charts interlock where their boxes would not. Returns the (x, y)
-    offsets, the pose per chart and the height used, or None if a chart is wider than the texture.
+    offsets (x in columns, y in texel rows), the pose per chart and the height used, or None if a chart is
+    wider than the texture's `columns`.
     """
     lowest = [np.minimum.reduceat(b, start) for _, start, b, _ in profiles]
     highest = [np.maximum.reduceat(t, start) for _, start, _, t in profiles]
     order = np.argsort(-(highest[0] - lowest[0]), kind="stable")
     count = profiles[0][0].shape[0]
-    sky = np.zeros(texture_size)
+    sky = np.zeros(columns)
     xs, ys, poses = np.zeros(count), np.zeros(count), np.zeros(count, dtype=np.int64)
     for c in order:
         best = None
         for pose, (width, start, bottom, top) in enumerate(profiles):
             w, s0 = int(width[c]), int(start[c])
-            if w > texture_size:
+            if w > columns:
                 continue
             x, y = _resting_place(sky, bottom[s0:s0 + w], -lowest[pose][c])
             if best is None or y + highest[pose][c] < best[0]:
@@ -281,14 +287,16 @@ def pack_charts(local: torch.Tensor, faces: torch.Tensor, face_chart: torch.Tens
     box = sizes[vertex_chart]
     x, y = local.unbind(1)
     turns = torch.stack([local, box - local, torch.stack([box[:, 1] - y, x], 1), torch.stack([y, box[:, 0] - x], 1)])
+    column = max(1, texture_size // SKYLINE_COLUMNS)
+    gutter = -(-padding // column)  # columns
     lo, hi = scale, 1.25 * scale
     for _ in range(search_steps):
         mid = 0.5 * (lo + hi)
-        packed = _skyline_pack([_column_profiles(pose, faces, face_chart, sizes.shape[0], mid, padding)
-                                for pose in turns], texture_size)
+        packed = _skyline_pack([_column_profiles(pose, faces, face_chart, sizes.shape[0], mid, gutter, column)
+                                for pose in turns], texture_size // column, texture_size)
         if packed is not None and packed[3] <= texture_size:
             xs, ys, poses = (torch.from_numpy(a).to(local.device) for a in packed[:3])
-            offset = torch.stack([xs + padding, ys], dim=1)[vertex_chart]
+            offset = torch.stack([(xs + gutter) * column, ys], dim=1)[vertex_chart]
             posed = turns[poses[vertex_chart], torch.arange(local.shape[0], device=local.device)]
             pixels = posed * mid + offset
             lo = scale = mid
@@ -325,7 +333,8 @@ def unwrap(vertices: torch.Tensor, faces: torch.Tensor, texture_size: int, *, pa
     ry = flat[:, :1] * sn + flat[:, 1:] * cs
     index = vertex_chart.unsqueeze(1).expand_as(rx)
     big = torch.finfo(torch.float64).max
-    lo_x = torch.full((num_charts, ROTATION_TRIALS), big, dtype=torch.float64, device=device).scatter_reduce(0, index, rx, "amin")
+    lo_x = torch.full((num_charts, ROTATION_TRIALS), big, dtype=torch.float64, device=device)
+    lo_x = lo_x.scatter_reduce(0, index, rx, "amin")
     hi_x = torch.full_like(lo_x, -big).scatter_reduce(0, index, rx, "amax")
     lo_y = torch.full_like(lo_x, big).scatter_reduce(0, index, ry, "amin")
     hi_y = torch.full_like(lo_x, -big).scatter_reduce(0, index, ry, "amax")

@@ -46,7 +46,7 @@ def union(*fields: Field) -> Field:
 def pbr_pattern(p: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
     """[N, 6] smooth attributes in PBR_LAYOUT order; alpha dips below 1 for x > 0.2 unless fixed."""
     x, y, z = p.unbind(1)
-    base = torch.stack([0.5 + 0.4 * torch.sin(6 * x), 0.5 + 0.4 * torch.sin(6 * y + 1), 0.5 + 0.4 * torch.cos(6 * z)], 1)
+    base = 0.5 + 0.4 * torch.stack([torch.sin(6 * x), torch.sin(6 * y + 1), torch.cos(6 * z)], 1)
     metallic = (0.5 + x).clamp(0, 1)
     roughness = 0.3 + 0.4 * (z + 0.5).clamp(0, 1)
     a = torch.full_like(x, alpha) if alpha is not None else torch.where(x > 0.2, 0.4, 1.0)
