@@ -2,7 +2,8 @@
 
 1. Each flow model (SS, shape, texture) built at full size in bf16: forward time and peak memory at 4096 and
    16384 tokens (the SS flow always has 4096), and a GPU-vs-CPU check of one full-size block on a small input.
-2. The whole `1024_cascade` pipeline from an RGBA image to an O-Voxel, with per-stage wall time and peak memory.
+2. The whole `1024_cascade` pipeline from an RGBA image to an O-Voxel, with per-stage wall time and peak memory,
+   then the asset step (500k faces, 2048² textures) and GLB encoding: image in, GLB bytes out.
    Random networks have no idea what an object looks like, so the structure decoder's output bias and the shape
    decoder's subdivision biases are calibrated to give realistic token counts (a few percent occupancy, about
    four children per subdivided voxel); the counts reached are printed with the timings.
@@ -189,6 +190,9 @@ def bench_pipeline(device: torch.device) -> dict[str, Any]:
     def progress(stage: str, step: int, total: int) -> None:
         timeline.append((stage, sync_time(), torch.cuda.max_memory_allocated() / 2**30))
 
+    from backend.asset.glb import glb_bytes
+    from backend.asset.postprocess import build_textured_mesh
+    from backend.asset.textured_mesh import AssetSettings
     from backend.trellis2.pipeline import GenerationSettings
 
     results = []
@@ -205,7 +209,14 @@ def bench_pipeline(device: torch.device) -> dict[str, Any]:
             entry["seconds"] += stamp - previous
             entry["peak_gib"] = max(entry["peak_gib"], peak)
             previous = stamp
+        asset_start = sync_time()
+        mesh = build_textured_mesh(ovoxel, AssetSettings(faces=500_000, texture_size=2048), device=device)
+        glb = glb_bytes(mesh)
+        asset_seconds = sync_time() - asset_start
         results.append({"run": run, "total_seconds": total, "stages": stages,
+                        "asset_seconds": asset_seconds, "asset_stages": mesh.metadata.get("timings"),
+                        "image_to_glb_seconds": total + asset_seconds, "glb_mib": len(glb) / 2**20,
+                        "final_faces": int(mesh.indices.shape[0]),
                         "hr_tokens": ovoxel.metadata["tokens"], "voxels": int(ovoxel.coords.shape[0]),
                         "faces": int(ovoxel.faces.shape[0]), "resolution": ovoxel.resolution,
                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})

@@ -34,8 +34,10 @@ def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor, max_perimeter:
     degree = torch.zeros(nv, dtype=torch.long, device=f.device)
     degree.index_add_(0, a, torch.ones_like(a)).index_add_(0, b, torch.ones_like(b))
     perimeter = torch.zeros(nv, dtype=vertices.dtype, device=f.device).index_add_(0, label, length)
-    simple = torch.ones(nv, dtype=torch.bool, device=f.device)
-    simple.scatter_reduce_(0, label, (degree[a] == 2) & (degree[b] == 2), "amin")
+    # A loop is simple when every vertex on it has exactly two boundary sides (counted as integers: CUDA has
+    # no boolean scatter-reduce).
+    branching = ((degree[a] != 2) | (degree[b] != 2)).long()
+    simple = torch.zeros(nv, dtype=torch.long, device=f.device).index_add_(0, label, branching) == 0
     fill = (perimeter[label] < max_perimeter) & simple[label]
     if not bool(fill.any()):
         return vertices, faces

@@ -221,6 +221,9 @@ def _column_profiles(local: torch.Tensor, faces: torch.Tensor, face_chart: torch
 
 
 SKYLINE_STRIDE = 2  # columns between the first-pass trial positions of a chart
+# The skyline places charts one at a time in Python: past this many charts (noisy surfaces break into
+# thousands of tiny ones) it would take minutes, and for tiny charts shelves pack nearly as tightly.
+SKYLINE_MAX_CHARTS = 2000
 SKYLINE_COLUMNS = 1024  # skyline resolution across: larger textures pack in columns of several texels
 
 
@@ -287,6 +290,8 @@ def pack_charts(local: torch.Tensor, faces: torch.Tensor, face_chart: torch.Tens
     box = sizes[vertex_chart]
     x, y = local.unbind(1)
     turns = torch.stack([local, box - local, torch.stack([box[:, 1] - y, x], 1), torch.stack([y, box[:, 0] - x], 1)])
+    if sizes.shape[0] > SKYLINE_MAX_CHARTS:
+        return pixels, scale
     column = max(1, texture_size // SKYLINE_COLUMNS)
     gutter = -(-padding // column)  # columns
     lo, hi = scale, 1.25 * scale

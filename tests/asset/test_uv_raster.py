@@ -107,3 +107,23 @@ def test_push_pull_fills_gaps_and_keeps_covered_texels() -> None:
     flat[:, :4] = 0.7
     mask[:, :4] = True
     assert torch.allclose(push_pull(flat, mask), torch.full((16, 16, 1), 0.7))
+
+
+def test_a_noisy_surface_with_thousands_of_charts_unwraps_quickly_without_overlap() -> None:
+    """Generated surfaces can be rough: they shatter into many tiny charts, which must not take minutes."""
+    import time
+
+    from backend.asset.uv import SKYLINE_MAX_CHARTS
+
+    v, f = uv_sphere(64, 128)
+    v = v + 0.02 * torch.randn(v.shape, generator=torch.Generator().manual_seed(0), dtype=v.dtype)
+    size = 1024
+    start = time.perf_counter()
+    layout = unwrap(v, f, size)
+    assert time.perf_counter() - start < 20  # the one-chart-at-a-time skyline took minutes at this count
+    assert layout.num_charts > SKYLINE_MAX_CHARTS
+    assert bool(((layout.uv >= 0) & (layout.uv <= 1)).all())
+    # Overlapping charts would cover fewer texels than their summed UV area (utilization).
+    raster = rasterize(layout.pixels, layout.faces, size, size)
+    covered = float((raster.face >= 0).float().mean())
+    assert abs(covered - layout.utilization) < 0.02 and layout.utilization > 0.2
