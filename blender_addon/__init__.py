@@ -1,36 +1,23 @@
-"""TRELLIS.2 for Blender: the Blender extension (UI, operators, mesh/material building).
+"""TRELLIS.2 for Blender: turn an image into a textured PBR object through a TRELLIS.2 backend.
 
-It never imports torch or backend code: it reaches the backend only through `protocol`.
+Layout (as glTF-Blender-IO: Blender-free logic apart from the bpy layer):
+    core/      settings, result checking and conversion, jobs, local backend, status (no bpy)
+    blender/   properties, preferences, operators, panel, runtime, mesh/material builder (bpy)
+    protocol/  the wire protocol, bundled by build_addon.py as this package's subpackage
+    wheels/    pyzmq and msgpack for every platform, bundled by build_addon.py
+It never imports torch or backend code. bpy is imported only on register, so `core` is importable anywhere.
 """
 
 from __future__ import annotations
 
-import bpy
-
-
-class Trellis2Preferences(bpy.types.AddonPreferences):
-    """Where the backend runs."""
-
-    bl_idname = __package__
-
-    backend_address: bpy.props.StringProperty(  # type: ignore[valid-type]
-        name="Backend address",
-        description="ZeroMQ address of the TRELLIS.2 backend",
-        default="tcp://127.0.0.1:5555",
-    )
-
-    def draw(self, context: bpy.types.Context) -> None:
-        self.layout.prop(self, "backend_address")
-
-
-CLASSES = (Trellis2Preferences,)
-
 
 def register() -> None:
-    for cls in CLASSES:
-        bpy.utils.register_class(cls)
+    from . import blender
+
+    blender.register()
 
 
 def unregister() -> None:
-    for cls in reversed(CLASSES):
-        bpy.utils.unregister_class(cls)
+    from . import blender
+
+    blender.unregister()

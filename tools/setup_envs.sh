@@ -2,11 +2,13 @@
 # Creates (or refreshes) the two virtual environments in the repo root, idempotently:
 #   .venv/          backend: Python 3.11, torch 2.13.0 (the CPU wheel where that is what pip finds, CUDA on GPU boxes)
 #   .venv-blender/  Blender side: bpy 5.0.1 (Python 3.11) + the add-on's protocol dependencies
+#   .venv-blender-313/  the newest bpy (5.2, Python 3.13), when a Python 3.13 is available
 # A venv is reinstalled only when pyproject.toml or this script changed since it was last set up.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY311="${TRELLIS2_PYTHON311:-python3.11}"
+PY313="${TRELLIS2_PYTHON313:-$(command -v python3.13 || echo "$HOME/.pyenv/versions/3.13.0/bin/python")}"
 command -v "$PY311" >/dev/null || { echo "setup: $PY311 not found; install Python 3.11 (or set TRELLIS2_PYTHON311)" >&2; exit 1; }
 stamp_value="$(cat pyproject.toml tools/setup_envs.sh | sha256sum | cut -d' ' -f1)"
 
@@ -30,4 +32,11 @@ if needs_setup .venv-blender; then
     [ -x .venv-blender/bin/python ] || "$PY311" -m venv .venv-blender
     pip_quiet .venv-blender -e ".[blender]"
     echo "$stamp_value" > .venv-blender/.setup-stamp
+fi
+
+if [ -x "$PY313" ] && needs_setup .venv-blender-313; then
+    echo "setup: preparing .venv-blender-313 (newest bpy)"
+    [ -x .venv-blender-313/bin/python ] || "$PY313" -m venv .venv-blender-313
+    pip_quiet .venv-blender-313 -e ".[blender-next]"
+    echo "$stamp_value" > .venv-blender-313/.setup-stamp
 fi

@@ -1,0 +1,242 @@
+"""Operators. `bpy.ops.trellis2.generate(image_path=..., **settings)` is also the scripting and batch API: under
+`blender -b` it returns once the object exists (it is then the active object); in the UI it returns at once and the
+object appears when the backend is done.
+
+Every failure is reported as `TRELLIS.2: <what happened>. <what to do>` through `self.report`, never a traceback.
+"""
+
+import random
+import tempfile
+from pathlib import Path
+
+import bpy
+from bpy.props import EnumProperty, IntProperty, StringProperty
+
+from ..core import settings as core_settings
+from ..core.errors import AddonError, user_error
+from ..core.jobs import PLACEHOLDER_IMAGE, Job
+from ..protocol import image_info
+from . import runtime
+from .preferences import preferences
+from .properties import settings_annotations, settings_of
+
+
+def read_image_file(path: str) -> tuple[bytes, str]:
+    """The file's bytes and its stem, the object's name."""
+    file = Path(bpy.path.abspath(path))
+    try:
+        data = file.read_bytes()
+    except OSError as exc:
+        raise AddonError(f"Cannot read the image {file}: {exc.strerror or exc}", "Choose an existing image file.")
+    return data, file.stem
+
+
+def read_blender_image(image: bpy.types.Image) -> tuple[bytes, str]:
+    """An image datablock's encoded bytes: packed data, its unchanged file, or (generated/edited) a PNG of it."""
+    label = Path(image.name).stem or image.name
+    if image.packed_file is not None:
+        return bytes(image.packed_file.data), label
+    path = Path(bpy.path.abspath(image.filepath)) if image.filepath else None
+    if image.source == "FILE" and not image.is_dirty and path is not None and path.is_file():
+        return read_image_file(str(path))[0], label
+    if not image.has_data:
+        raise AddonError(f"The image {image.name!r} has no pixels", "Open or paint the image first.")
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = image.copy()  # saving the original would turn it into a file image
+        try:
+            copy.file_format = "PNG"
+            copy.save(filepath=str(Path(tmp) / "image.png"))
+            return (Path(tmp) / "image.png").read_bytes(), label
+        finally:
+            bpy.data.images.remove(copy)
+
+
+class Trellis2Operator(bpy.types.Operator):
+    """Base of the operators that can fail: subclasses implement `run`, whose exceptions become an error report
+    and CANCELLED, never a traceback."""
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        try:
+            return self.run(context)
+        except Exception as exc:
+            self.report({"ERROR"}, f"TRELLIS.2: {user_error(exc)}")
+            return {"CANCELLED"}
+
+    @classmethod
+    def idle(cls) -> bool:
+        if runtime.session.busy:
+            cls.poll_message_set("A TRELLIS.2 job is running")
+            return False
+        return True
+
+
+class TRELLIS2_OT_generate(Trellis2Operator):
+    """Turn an image into a textured object with the TRELLIS.2 backend"""
+
+    bl_idname = "trellis2.generate"
+    bl_label = "Generate"
+    bl_options = {"UNDO"}  # no REGISTER: a redo panel would re-run the generation
+    __annotations__ = {
+        "image_path": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
+                                     description="The image file to turn into an object"),
+        "image_name": StringProperty(name="Blender Image", options={"SKIP_SAVE"},
+                                     description="Name of an image already in Blender (instead of a file)"),
+        # Settings left unset take the preferences' defaults (the panel's button sets them all).
+        **settings_annotations({"SKIP_SAVE"}),
+    }
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return cls.idle()
+
+    def run(self, context: bpy.types.Context) -> set[str]:
+        prefs = preferences(context)
+        given = {name: getattr(self, name) for name in core_settings.FIELDS if self.properties.is_property_set(name)}
+        settings = core_settings.resolve(given, settings_of(prefs.defaults))
+        if bool(self.image_path) == bool(self.image_name):
+            raise AddonError("Give an image file or a Blender image, exactly one of them",
+                             "Pick an image in the TRELLIS.2 panel, or pass image_path= or image_name=.")
+        if self.image_path:
+            image, label = read_image_file(self.image_path)
+        elif self.image_name in bpy.data.images:
+            image, label = read_blender_image(bpy.data.images[self.image_name])
+        else:
+            raise AddonError(f"There is no Blender image named {self.image_name!r}", "Pick an existing image.")
+        image_info(image)  # InvalidImage, with its hint, for anything but PNG, JPEG, WebP, BMP and TIFF
+        job = Job(label, runtime.connector(prefs), image=image, settings=core_settings.to_wire(settings),
+                  on_event=runtime.progress_printer() if bpy.app.background else None)
+        return runtime.launch(self, job, runtime.target_here(context, label, settings))
+
+
+class RecentOperator(Trellis2Operator):
+    index: IntProperty(name="Index", description="Which recent result (0: the newest)", options={"SKIP_SAVE"})  # type: ignore[valid-type]
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return bool(context.scene and len(context.scene.trellis2.recent)) and cls.idle()
+
+    def recent(self, context: bpy.types.Context):
+        recent = context.scene.trellis2.recent
+        if not 0 <= self.index < len(recent):
+            raise AddonError(f"There is no recent result {self.index}", "Pick one from the Recent Results list.")
+        return recent[self.index]
+
+
+class TRELLIS2_OT_reimport(RecentOperator):
+    """Build a recent result again from the backend's job store (no new generation)"""
+
+    bl_idname = "trellis2.reimport"
+    bl_label = "Re-import"
+    bl_options = {"UNDO"}  # no REGISTER: a redo panel would re-run the generation
+
+    def run(self, context: bpy.types.Context) -> set[str]:
+        item = self.recent(context)
+        job = Job(item.name, runtime.connector(preferences(context)), fetch_job_id=item.job_id)
+        return runtime.launch(self, job, runtime.target_here(context, item.name, item.settings, remember_it=False))
+
+
+class TRELLIS2_OT_reprocess(RecentOperator):
+    """Rebuild a recent result's mesh and textures with the panel's current asset settings (no new generation)"""
+
+    bl_idname = "trellis2.reprocess"
+    bl_label = "Re-process"
+    bl_options = {"UNDO"}  # no REGISTER: a redo panel would re-run the generation
+
+    def run(self, context: bpy.types.Context) -> set[str]:
+        item = self.recent(context)
+        panel = settings_of(context.scene.trellis2.settings)
+        settings = {**item.settings, **{name: panel[name] for name in core_settings.ASSET_NAMES}}
+        job = Job(item.name, runtime.connector(preferences(context)), image=PLACEHOLDER_IMAGE,
+                  settings=core_settings.reprocess_wire(item.job_id, settings),
+                  on_event=runtime.progress_printer() if bpy.app.background else None)
+        return runtime.launch(self, job, runtime.target_here(context, item.name, settings))
+
+
+class TRELLIS2_OT_cancel(bpy.types.Operator):
+    """Cancel the running job on the backend"""
+
+    bl_idname = "trellis2.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return runtime.session.busy
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        runtime.session.job.cancel()
+        self.report({"INFO"}, "TRELLIS.2: cancelling")
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_randomize_seed(bpy.types.Operator):
+    """Pick a new random seed"""
+
+    bl_idname = "trellis2.randomize_seed"
+    bl_label = "Randomise Seed"
+    bl_options = {"UNDO", "INTERNAL"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        context.scene.trellis2.settings.seed = random.randint(0, core_settings.SEED_MAX)
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_load_defaults(bpy.types.Operator):
+    """Set the panel's settings to the defaults from the add-on's preferences"""
+
+    bl_idname = "trellis2.load_defaults"
+    bl_label = "Load Default Settings"
+    bl_options = {"UNDO", "INTERNAL"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        runtime.load_defaults(context.scene.trellis2, preferences(context))
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_start_backend(Trellis2Operator):
+    """Start the local backend now (it also starts by itself on the first Generate)"""
+
+    bl_idname = "trellis2.start_backend"
+    bl_label = "Start Backend"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return preferences(context).backend_mode == "LOCAL" and not runtime.session.backend.running
+
+    def run(self, context: bpy.types.Context) -> set[str]:
+        runtime.start_backend(preferences(context))
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_stop_backend(bpy.types.Operator):
+    """Stop the local backend (a running job is cancelled)"""
+
+    bl_idname = "trellis2.stop_backend"
+    bl_label = "Stop Backend"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return runtime.session.backend.running
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        runtime.session.backend.stop()
+        return {"FINISHED"}
+
+
+class TRELLIS2_OT_report(bpy.types.Operator):
+    """Show a message in the status bar (used by the add-on's timer, which cannot report by itself)"""
+
+    bl_idname = "trellis2.report"
+    bl_label = "Report"
+    bl_options = {"INTERNAL"}
+
+    level: EnumProperty(items=[(x, x, "") for x in ("INFO", "WARNING", "ERROR")])  # type: ignore[valid-type]
+    message: StringProperty()  # type: ignore[valid-type]
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        self.report({self.level}, self.message)
+        return {"FINISHED"}
+
+
+CLASSES = (TRELLIS2_OT_generate, TRELLIS2_OT_reimport, TRELLIS2_OT_reprocess, TRELLIS2_OT_cancel,
+           TRELLIS2_OT_randomize_seed, TRELLIS2_OT_load_defaults, TRELLIS2_OT_start_backend,
+           TRELLIS2_OT_stop_backend, TRELLIS2_OT_report)
