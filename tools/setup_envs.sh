@@ -8,7 +8,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY311="${TRELLIS2_PYTHON311:-python3.11}"
-PY313="${TRELLIS2_PYTHON313:-$(command -v python3.13 || echo "$HOME/.pyenv/versions/3.13.0/bin/python")}"
+find_python313() {  # the first Python 3.13 that actually runs (a pyenv shim may exist without one)
+    for candidate in "${TRELLIS2_PYTHON313:-}" python3.13 "$HOME"/.pyenv/versions/3.13*/bin/python; do
+        [ -n "$candidate" ] && "$candidate" -c 'import sys; assert sys.version_info[:2] == (3, 13)' 2>/dev/null \
+            && { command -v "$candidate"; return; }
+    done
+}
+PY313="$(find_python313)"
 command -v "$PY311" >/dev/null || { echo "setup: $PY311 not found; install Python 3.11 (or set TRELLIS2_PYTHON311)" >&2; exit 1; }
 stamp_value="$(cat pyproject.toml tools/setup_envs.sh | sha256sum | cut -d' ' -f1)"
 
@@ -34,7 +40,7 @@ if needs_setup .venv-blender; then
     echo "$stamp_value" > .venv-blender/.setup-stamp
 fi
 
-if [ -x "$PY313" ] && needs_setup .venv-blender-313; then
+if [ -n "$PY313" ] && needs_setup .venv-blender-313; then
     echo "setup: preparing .venv-blender-313 (newest bpy)"
     [ -x .venv-blender-313/bin/python ] || "$PY313" -m venv .venv-blender-313
     pip_quiet .venv-blender-313 -e ".[blender-next]"
