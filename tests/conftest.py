@@ -1,8 +1,11 @@
-"""Shared fixtures: the reference data folder and one tiny checkpoint per test session."""
+"""Shared fixtures: the reference data folder, its golden cases and manifests, and one tiny checkpoint per session."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +18,38 @@ def golden_dir() -> Path:
     if not GOLDEN.is_dir():
         pytest.skip(f"reference golden cases not found at {GOLDEN} (shared/ must sit beside the repo)")
     return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def golden_failures(golden_dir: Path) -> Callable[[str], tuple[list, list[str]]]:
+    """Runs the golden case folder `name` with its kind's handler: (checks, one line per failed check)."""
+    from backend.golden.registry import KINDS, Case
+    from backend.golden.runner import load_handlers
+
+    load_handlers()
+
+    def run(name: str) -> tuple[list, list[str]]:
+        path = golden_dir / name
+        if not path.is_dir():
+            pytest.skip(f"golden case folder {path} not found (the shared reference data sits beside the repo)")
+        case = Case.load(path)
+        checks = KINDS[case.meta["kind"]](case)
+        return checks, [f"{c.name}: err={c.error:.3g} {c.note}" for c in checks if not c.passed]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def load_manifest() -> Callable[[str], dict[str, Any]]:
+    """Reads shared/reference/manifests/`name`.json, skipping the test when it is absent."""
+
+    def load(name: str) -> dict[str, Any]:
+        path = MANIFESTS / f"{name}.json"
+        if not path.is_file():
+            pytest.skip(f"manifest {path} not found")
+        return json.loads(path.read_text())
+
+    return load
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import torch
 
-from backend.asset.meshutil import compact, connected_components, edges_of, face_normals
+from backend.asset.meshutil import (
+    INT64_MAX, compact, connected_components, edges_of, face_normals, manifold_side_pairs,
+)
 
 
 def remove_degenerate_and_duplicate_faces(faces: torch.Tensor) -> torch.Tensor:
@@ -54,12 +56,7 @@ def unify_orientation(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tens
     nf = f.shape[0]
     if nf == 0:
         return faces
-    edges = edges_of(f, vertices.shape[0])
-    side_edge = edges.of_side.reshape(-1)
-    manifold = edges.count[side_edge] == 2
-    sides = torch.nonzero(manifold).squeeze(1)
-    order = torch.argsort(side_edge[sides], stable=True)
-    sides = sides[order].reshape(-1, 2)  # the two face sides on each manifold edge
+    sides = manifold_side_pairs(edges_of(f, vertices.shape[0]))
     fa, fb = sides[:, 0] // 3, sides[:, 1] // 3
     start = f.reshape(-1)
     same_direction = start[sides[:, 0]] == start[sides[:, 1]]
@@ -79,9 +76,9 @@ def unify_orientation(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tens
             break
         high, low = torch.maximum(ra, rb)[cross], torch.minimum(ra, rb)[cross]
         bit = (parity[fa] ^ parity[fb] ^ same_direction.long())[cross]
-        best = torch.full((nf,), torch.iinfo(torch.int64).max, dtype=torch.long, device=f.device)
+        best = torch.full((nf,), INT64_MAX, dtype=torch.long, device=f.device)
         best.scatter_reduce_(0, high, low * 2 + bit, "amin")
-        hooked = best != torch.iinfo(torch.int64).max
+        hooked = best != INT64_MAX
         parent = torch.where(hooked, best // 2, parent)
         parity = torch.where(hooked, best % 2, parity)
 

@@ -46,12 +46,7 @@ def flexible_dual_grid_to_mesh(
     voxel_size = (aabb_t[1] - aabb_t[0]) / grid
     vertices = (coords.float() + dual_vertices) * voxel_size + aabb_t[0].reshape(1, 3)
 
-    # Quads: one per (voxel, axis) flag, in row-major (voxel, axis) order, kept if all 4 voxels exist.
-    voxel, axis = intersected.bool().nonzero(as_tuple=True)
-    corners = coords[voxel].unsqueeze(1) + QUAD_OFFSETS.to(device)[axis]  # [M, 4, 3]
-    rows = VoxelIndex(coords).lookup(corners.reshape(-1, 3)).reshape(-1, 4)
-    quads = rows[(rows >= 0).all(dim=1)]  # [L, 4]
-
+    quads = dual_quads(coords, intersected)
     if split_weight is None:
         use_02 = _alignment(vertices, quads[:, SPLIT_02.to(device)]) > _alignment(vertices, quads[:, SPLIT_13.to(device)])
     else:
@@ -59,6 +54,16 @@ def flexible_dual_grid_to_mesh(
         use_02 = (w[:, 0] * w[:, 2] > w[:, 1] * w[:, 3]).unsqueeze(1)
     faces = torch.where(use_02, quads[:, SPLIT_02.to(device)], quads[:, SPLIT_13.to(device)])
     return vertices, faces.reshape(-1, 3).int()
+
+
+def dual_quads(coords: torch.Tensor, intersected: torch.Tensor) -> torch.Tensor:
+    """[L, 4] voxel rows of the quads: one per (voxel, axis) flag, in row-major (voxel, axis) order, kept only
+    where all 4 voxels exist; corners in QUAD_OFFSETS winding."""
+    coords = coords.long()
+    voxel, axis = intersected.bool().nonzero(as_tuple=True)
+    corners = coords[voxel].unsqueeze(1) + QUAD_OFFSETS.to(coords.device)[axis]  # [M, 4, 3]
+    rows = VoxelIndex(coords).lookup(corners.reshape(-1, 3)).reshape(-1, 4)
+    return rows[(rows >= 0).all(dim=1)]
 
 
 def _alignment(vertices: torch.Tensor, split: torch.Tensor) -> torch.Tensor:

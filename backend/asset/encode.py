@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.asset.dual_grid import QUAD_OFFSETS, flexible_dual_grid_to_mesh
+from backend.asset.dual_grid import dual_quads, flexible_dual_grid_to_mesh
 from backend.asset.ovoxel import OVoxel
 from backend.native import VoxelIndex
 
@@ -178,16 +178,17 @@ def mesh_to_dual_grid(
     qef = _scatter(row, _plane_qef(planes[tri_of]), n)
 
     report("voxelize", 1, 3)
+    index = VoxelIndex(torch.from_numpy(coords))
     if face_weight > 0:
         f_tri, f_cell = _face_cell_pairs(tri, planes, resolution)
-        f_row = _lookup(voxel_keys, _keys(f_cell, resolution))
+        f_row = index.lookup(torch.from_numpy(f_cell)).numpy()
         hit = f_row >= 0
         qef += face_weight * _scatter(f_row[hit], _plane_qef(planes[f_tri[hit]]), n)
     report("voxelize", 2, 3)
     if boundary_weight > 0:
         seg = _boundary_segments(p, faces)
         b_seg, b_cell = _segment_cells(seg, resolution)
-        b_row = _lookup(voxel_keys, _keys(b_cell, resolution))
+        b_row = index.lookup(torch.from_numpy(b_cell)).numpy()
         hit = b_row >= 0
         qef += boundary_weight * _scatter(b_row[hit], _line_qef(seg)[b_seg[hit]], n)
     report("voxelize", 3, 3)
@@ -485,10 +486,7 @@ def _fit_split_weights(coords: np.ndarray, dual: np.ndarray, intersected: np.nda
     Adam with a hand-written gradient, over the voxels that matter only.
     """
     n = coords.shape[0]
-    c = torch.from_numpy(coords).long()
-    voxel, axis = torch.from_numpy(intersected).nonzero(as_tuple=True)
-    rows = VoxelIndex(c).lookup((c[voxel].unsqueeze(1) + QUAD_OFFSETS[axis]).reshape(-1, 3)).reshape(-1, 4)
-    quads = rows[(rows >= 0).all(dim=1)]
+    quads = dual_quads(torch.from_numpy(coords), torch.from_numpy(intersected))
     v = torch.from_numpy(coords + dual)[quads]  # [L, 4, 3]
     angle_02 = _angle(torch.linalg.cross(v[:, 1] - v[:, 0], v[:, 2] - v[:, 0]),
                       torch.linalg.cross(v[:, 2] - v[:, 0], v[:, 3] - v[:, 0]))
@@ -707,12 +705,6 @@ def _concatenate(parts: list[SurfaceMesh]) -> tuple[np.ndarray, np.ndarray, np.n
 
 def _keys(cells: np.ndarray, resolution: int) -> np.ndarray:
     return (cells[:, 0] * resolution + cells[:, 1]) * resolution + cells[:, 2]
-
-
-def _lookup(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Row of each key in sorted_keys, -1 where absent."""
-    pos = np.searchsorted(sorted_keys, keys).clip(max=sorted_keys.size - 1)
-    return np.where(sorted_keys[pos] == keys, pos, -1)
 
 
 def _scatter(index: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from backend.asset.meshutil import connected_components, edges_of
+from backend.asset.meshutil import boundary_sides, connected_components
 
 
 def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor, max_perimeter: float
@@ -21,13 +21,9 @@ def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor, max_perimeter:
     """
     nv = vertices.shape[0]
     f = faces.long()
-    edges = edges_of(f, nv)
-    side_edge = edges.of_side.reshape(-1)
-    boundary_side = torch.nonzero(edges.count[side_edge] == 1).squeeze(1)
+    boundary_side, a, b = boundary_sides(f, nv)
     if boundary_side.numel() == 0:
         return vertices, faces
-    a = f.reshape(-1)[boundary_side]
-    b = f.roll(-1, dims=1).reshape(-1)[boundary_side]
 
     label = connected_components(nv, a, b)[a]  # loop id per boundary side
     length = (vertices[a] - vertices[b]).norm(dim=1)

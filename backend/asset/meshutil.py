@@ -41,10 +41,33 @@ def edges_of(faces: torch.Tensor, num_vertices: int) -> Edges:
     return Edges(pairs, count, inverse.reshape(-1, 3))
 
 
+def boundary_sides(faces: torch.Tensor, num_vertices: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(side, start, end) of every face side on a boundary edge: its flat index 3f + k and its two vertex ids."""
+    f = faces.long()
+    edges = edges_of(f, num_vertices)
+    side = torch.nonzero(edges.count[edges.of_side.reshape(-1)] == 1).squeeze(1)
+    start, end = face_sides(f)
+    return side, start.reshape(-1)[side], end.reshape(-1)[side]
+
+
+def manifold_side_pairs(edges: Edges) -> torch.Tensor:
+    """[M, 2] flat side indices 3f + k of the two face sides on each manifold edge, in edge order."""
+    side_edge = edges.of_side.reshape(-1)
+    sides = torch.nonzero(edges.count[side_edge] == 2).squeeze(1)
+    return sides[torch.argsort(side_edge[sides], stable=True)].reshape(-1, 2)
+
+
 def face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
     """Unnormalised normals [F, 3]: length = 2 x area, direction by counter-clockwise winding."""
     p = vertices[faces.long()]
     return torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+
+
+def unit_face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unit normals [F, 3], areas [F]); a degenerate face gets a zero normal instead of NaN."""
+    n = face_normals(vertices, faces)
+    area = 0.5 * n.norm(dim=1)
+    return n / (2 * area).clamp_min(1e-300).unsqueeze(1), area
 
 
 def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,9 @@ from collections.abc import Callable
 
 import torch
 
-from backend.asset.meshutil import INT64_MAX, compact, edges_of, expand_segments, face_normals
+from backend.asset.meshutil import (
+    INT64_MAX, boundary_sides, compact, edges_of, expand_segments, face_normals, unit_face_normals,
+)
 
 QUALITY_FLOOR = 0.1  # a collapse may not leave a face skinnier than this and than it was before
 MIN_NORMAL_COS = 0.2  # a collapse may not turn a face's normal by more than ~78 degrees
@@ -54,17 +56,13 @@ def triangle_quality(vertices: torch.Tensor, faces: torch.Tensor, normals: torch
 
 def _initial_quadrics(pos: torch.Tensor, f: torch.Tensor, boundary_weight: float) -> torch.Tensor:
     """Area-weighted face planes per corner, plus a plane through each boundary edge perpendicular to its face."""
-    n = face_normals(pos, f)
-    area = 0.5 * n.norm(dim=1)
-    unit = n / (2 * area).clamp_min(1e-300).unsqueeze(1)
+    unit, area = unit_face_normals(pos, f)
     q_face = plane_quadrics(unit, -(unit * pos[f[:, 0]]).sum(dim=1), area)
     q = torch.zeros(pos.shape[0], 10, dtype=pos.dtype, device=pos.device)
     for k in range(3):
         q.index_add_(0, f[:, k], q_face)
-    edges = edges_of(f, pos.shape[0])
-    side = torch.nonzero(edges.count[edges.of_side.reshape(-1)] == 1).squeeze(1)
+    side, a, b = boundary_sides(f, pos.shape[0])
     if side.numel():
-        a, b = f.reshape(-1)[side], f.roll(-1, dims=1).reshape(-1)[side]
         e = pos[b] - pos[a]
         m = torch.linalg.cross(e, unit[side // 3])
         m = m / m.norm(dim=1, keepdim=True).clamp_min(1e-300)

@@ -27,7 +27,9 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from backend.asset.meshutil import edges_of, expand_segments, face_normals, segment_argmin
+from backend.asset.meshutil import (
+    edges_of, expand_segments, face_normals, manifold_side_pairs, segment_argmin, unit_face_normals,
+)
 
 ROTATION_TRIALS = 16
 
@@ -69,18 +71,14 @@ def cluster_charts(vertices: torch.Tensor, faces: torch.Tensor, max_angle: float
     """
     f = faces.long()
     nf = f.shape[0]
-    n = face_normals(vertices.double(), f)
-    area = 0.5 * n.norm(dim=1)
-    unit = n / (2 * area).clamp_min(1e-300).unsqueeze(1)
+    unit, area = unit_face_normals(vertices.double(), f)
     axis = unit.clone()
     angle = torch.zeros(nf, dtype=torch.float64, device=f.device)
     edges = edges_of(f, vertices.shape[0])
-    side_edge = edges.of_side.reshape(-1)
-    sides = torch.nonzero(edges.count[side_edge] == 2).squeeze(1)
-    sides = sides[torch.argsort(side_edge[sides], stable=True)].reshape(-1, 2)
+    sides = manifold_side_pairs(edges)
     fa, fb = sides[:, 0] // 3, sides[:, 1] // 3
     p = vertices.double()
-    length = (p[edges.pairs[:, 0]] - p[edges.pairs[:, 1]]).norm(dim=1)[side_edge[sides[:, 0]]]
+    length = (p[edges.pairs[:, 0]] - p[edges.pairs[:, 1]]).norm(dim=1)[edges.of_side.reshape(-1)[sides[:, 0]]]
     perimeter = torch.zeros(nf, dtype=torch.float64, device=f.device)
     for k in range(3):
         perimeter += (p[f[:, k]] - p[f[:, (k + 1) % 3]]).norm(dim=1)

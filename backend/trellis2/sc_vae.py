@@ -24,6 +24,7 @@ from backend.asset.dual_grid import flexible_dual_grid_to_mesh
 from backend.native import compute_dtype
 from backend.native.sparse_conv import build_neighbour_map, submanifold_conv3d
 from backend.trellis2.sparse import SparseTensor
+from backend.trellis2.transformer import LayerNorm32
 
 NEIGHBOUR_MAP_KEY = "submanifold_conv3d_3x3x3"
 MESH_AABB = ((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))
@@ -34,13 +35,6 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype))
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back to the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
 
 
 def neighbour_map(x: SparseTensor) -> torch.Tensor:

@@ -77,7 +77,3 @@ class SparseTensor:
             out.append(slice(start, start + n))
             start += n
         return out
-
-    def per_batch(self, values: torch.Tensor) -> torch.Tensor:
-        """Broadcast a per-item tensor [B, ...] to rows [N, ...]."""
-        return values[self.batch_ids]

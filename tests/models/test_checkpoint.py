@@ -116,8 +116,8 @@ def test_pipeline_models_load_from_the_tiny_checkpoint(tiny_checkpoint) -> None:
     assert set(models) == set(json.loads((tiny_checkpoint / "pipeline.json").read_text())["args"]["models"])
 
 
-def test_manifest_command_prints_the_reference_manifest(golden_dir, tmp_path, capsys) -> None:
-    manifest = json.loads((golden_dir.parent / "manifests" / "shape_slat_decoder.json").read_text())
+def test_manifest_command_prints_the_reference_manifest(load_manifest, tmp_path, capsys) -> None:
+    manifest = load_manifest("shape_slat_decoder")
     cfg = tmp_path / "ckpt.json"
     cfg.write_text(json.dumps({"name": manifest["class_name"], "args": manifest["args"]}))
     assert cli(["manifest", str(cfg)]) == 0

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import torch
 
 from backend.asset.dual_grid import flexible_dual_grid_to_mesh
-from backend.golden.registry import KINDS, Case
-from backend.golden import decoders  # noqa: F401  (registers the decoder kinds)
 from backend.trellis2.sc_vae import FlexiDualGridVaeDecoder, SparseUnetVaeDecoder, subdivide
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.ss_decoder import SparseStructureDecoder, pixel_shuffle_3d
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference"
 GOLDEN_CASES = ["sparse_conv3d_a", "ss_decoder_a", "sc_vae_decoders_a", "fdg_mesh_a"]
 DECODER_CLASSES = {
     "SparseStructureDecoder": SparseStructureDecoder,
@@ -34,22 +29,14 @@ TINY = dict(
 
 
 @pytest.mark.parametrize("name", GOLDEN_CASES)
-def test_golden_case(name: str) -> None:
-    path = REFERENCE / "golden" / name
-    if not path.is_dir():
-        pytest.skip(f"golden case folder {path} not found (the shared reference data sits beside the repo)")
-    case = Case.load(path)
-    checks = KINDS[case.meta["kind"]](case)
-    failed = [f"{c.name}: err={c.error:.3g} {c.note}" for c in checks if not c.passed]
+def test_golden_case(name: str, golden_failures) -> None:
+    checks, failed = golden_failures(name)
     assert checks and not failed, failed
 
 
 @pytest.mark.parametrize("name", ["sparse_structure_decoder", "shape_slat_decoder", "tex_slat_decoder"])
-def test_state_dict_matches_4b_manifest(name: str) -> None:
-    path = REFERENCE / "manifests" / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"manifest {path} not found")
-    manifest = json.loads(path.read_text())
+def test_state_dict_matches_4b_manifest(name: str, load_manifest) -> None:
+    manifest = load_manifest(name)
     with torch.device("meta"):
         model = DECODER_CLASSES[manifest["class_name"]](**manifest["args"])
     ours = [[k, list(v.shape), str(v.dtype).removeprefix("torch."), "param"] for k, v in model.state_dict().items()]

@@ -2,24 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
 from backend.golden.flows import FLOW_CLASSES
-from backend.golden.registry import KINDS, Case
 from backend.trellis2.attention import attention
 from backend.trellis2.slat_flow import SLatFlowModel
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.ss_flow import SparseStructureFlowModel
 from backend.trellis2.transformer import grid_coords
 
-REFERENCE = Path(__file__).resolve().parents[2].parent / "shared/reference"
-GOLDEN = REFERENCE / "golden"
-MANIFESTS = REFERENCE / "manifests"
 
 GOLDEN_CASES = [
     "ss_flow_dense_a",
@@ -44,22 +38,14 @@ TINY = dict(
 
 
 @pytest.mark.parametrize("name", GOLDEN_CASES)
-def test_golden_case(name: str) -> None:
-    path = GOLDEN / name
-    if not path.is_dir():
-        pytest.skip(f"golden case folder {path} not found (the shared reference data sits beside the repo)")
-    case = Case.load(path)
-    checks = KINDS[case.meta["kind"]](case)
-    failed = [f"{c.name}: err={c.error:.3g} {c.note}" for c in checks if not c.passed]
+def test_golden_case(name: str, golden_failures) -> None:
+    checks, failed = golden_failures(name)
     assert checks and not failed, failed
 
 
 @pytest.mark.parametrize("name", FLOW_MANIFESTS)
-def test_state_dict_matches_4b_manifest(name: str) -> None:
-    path = MANIFESTS / f"{name}.json"
-    if not path.is_file():
-        pytest.skip(f"manifest {path} not found")
-    manifest = json.loads(path.read_text())
+def test_state_dict_matches_4b_manifest(name: str, load_manifest) -> None:
+    manifest = load_manifest(name)
     with torch.device("meta"):
         model = FLOW_CLASSES[manifest["class_name"]](**manifest["args"])
     params = dict(model.named_parameters())
