@@ -1,8 +1,8 @@
 """`python -m backend generate IMAGE [-o OUT]` and `python -m backend tiny-checkpoint DIR`.
 
 generate runs the whole pipeline in this process, with a progress line on stderr; Ctrl-C cancels between steps.
-The output is a GLB when the asset step is available and OUT ends in .glb, otherwise the O-Voxel (.npz), which
-`python -m backend ovoxel decode` turns into a GLB later.
+The output is a textured GLB, or with OUT ending in .npz the O-Voxel, which `python -m backend ovoxel decode` turns
+into a GLB later with other asset settings.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from backend.asset.cli import add_asset_arguments, asset_settings
+from backend.asset.textured_mesh import AssetSettings
 from backend.trellis2.pipeline import DEFAULT_WEIGHTS, PIPELINE_TYPES, GenerationSettings, PipelineError
 
 
@@ -72,6 +74,7 @@ def run_generate(args: argparse.Namespace) -> int:
             "texture_sampler": _sampler_overrides(args.texture_sampler, "texture-sampler"),
             "max_num_tokens": args.max_tokens,
         })
+        asset = asset_settings(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -84,7 +87,7 @@ def run_generate(args: argparse.Namespace) -> int:
         ovoxel = pipeline.run(args.image, settings, progress)
         progress.done(f"generated {ovoxel.coords.shape[0]} voxels, {ovoxel.faces.shape[0]} faces "
                       f"at {ovoxel.resolution}^3 in {progress.elapsed():.1f}s")
-        return _write(ovoxel, output, progress)
+        return _write(ovoxel, output, asset, progress)
     except KeyboardInterrupt:
         progress.done("cancelled; nothing was written")
         return 130
@@ -96,21 +99,15 @@ def run_generate(args: argparse.Namespace) -> int:
         return 1
 
 
-def _write(ovoxel, output: Path, progress: ProgressLine) -> int:
+def _write(ovoxel, output: Path, asset: AssetSettings, progress: ProgressLine) -> int:
     if output.suffix.lower() == ".npz":
         ovoxel.save(output)
         progress.done(f"wrote O-Voxel {output}")
         return 0
-    try:
-        from backend.asset.glb import write_glb
-        from backend.asset.postprocess import build_textured_mesh
-        from backend.asset.textured_mesh import AssetSettings
-    except ImportError:
-        fallback = output.with_suffix(".npz")
-        ovoxel.save(fallback)
-        progress.done(f"GLB export is not available in this build; wrote the O-Voxel to {fallback} instead")
-        return 0
-    mesh = build_textured_mesh(ovoxel, AssetSettings(), progress)
+    from backend.asset.glb import write_glb
+    from backend.asset.postprocess import build_textured_mesh
+
+    mesh = build_textured_mesh(ovoxel, asset, progress)
     write_glb(mesh, output)
     progress.done(f"wrote {output}")
     return 0
@@ -133,6 +130,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     for name in ("ss-sampler", "shape-sampler", "texture-sampler"):
         p.add_argument(f"--{name}", metavar="JSON",
                        help='overrides, e.g. \'{"steps": 20, "guidance_strength": 5}\'')
+    add_asset_arguments(p)
     p.set_defaults(run=run_generate)
 
     p = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint in the hub layout (for tests)")

@@ -46,10 +46,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="the file's up axis; auto: y for .glb/.gltf/.obj, z otherwise")
     p.set_defaults(run=lambda args: _guarded(_encode, args))
 
-    defaults = AssetSettings()
     p = actions.add_parser("decode", help="O-Voxel .npz -> textured GLB (cleanup, simplify, UV unwrap, bake)")
     p.add_argument("ovoxel", type=Path, metavar="X.npz")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.glb")
+    add_asset_arguments(p)
+    p.add_argument("--device", default=None, help="torch device for post-processing (default: its own choice)")
+    p.set_defaults(run=lambda args: _guarded(_decode, args))
+
+
+def add_asset_arguments(p: argparse.ArgumentParser) -> None:
+    """The AssetSettings options, shared by every command that writes a GLB."""
+    defaults = AssetSettings()
     p.add_argument("--faces", type=int, default=defaults.faces, metavar="N",
                    help=f"target triangle count (default {defaults.faces})")
     p.add_argument("--texture-size", type=int, default=defaults.texture_size, metavar="T",
@@ -59,8 +66,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help=f"material alpha mode (default {defaults.alpha_mode}: BLEND if any texel is transparent)")
     p.add_argument("--alpha-cutoff", type=float, default=defaults.alpha_cutoff, metavar="C",
                    help=f"MASK cutoff (default {defaults.alpha_cutoff})")
-    p.add_argument("--device", default=None, help="torch device for post-processing (default: its own choice)")
-    p.set_defaults(run=lambda args: _guarded(_decode, args))
+
+
+def asset_settings(args: argparse.Namespace) -> AssetSettings:
+    """AssetSettings from the options `add_asset_arguments` added (raises ValueError naming a bad value)."""
+    return AssetSettings(faces=args.faces, texture_size=args.texture_size, remesh=args.remesh,
+                         alpha_mode=args.alpha_mode, alpha_cutoff=args.alpha_cutoff)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,8 +230,7 @@ def _decode(args: argparse.Namespace) -> int:
         raise CliError(f"the output must be a .glb file, got {args.output}")
     if not args.ovoxel.is_file():
         raise CliError(f"no such O-Voxel file: {args.ovoxel}")
-    settings = AssetSettings(faces=args.faces, texture_size=args.texture_size, remesh=args.remesh,
-                             alpha_mode=args.alpha_mode, alpha_cutoff=args.alpha_cutoff)
+    settings = asset_settings(args)
     ovoxel = OVoxel.load(args.ovoxel)
     if len(ovoxel.faces) == 0:
         raise CliError(f"{args.ovoxel} holds no mesh to decode")

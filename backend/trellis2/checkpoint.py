@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 # Checkpoint class name -> "module:attribute". Both names of the structured-latent flow are accepted:
 # the hub JSONs say SLatFlowModel, the training configs ElasticSLatFlowModel (same inference network).
@@ -189,15 +192,25 @@ def read_pipeline_config(root: str) -> dict[str, Any]:
 
 
 def load_pipeline_models(
-    root: str, names: list[str] | None = None, device: torch.device | str = "cpu"
+    root: str,
+    names: list[str] | None = None,
+    device: torch.device | str = "cpu",
+    config: dict[str, Any] | None = None,
 ) -> dict[str, nn.Module]:
-    """Load the models named in pipeline.json's `args.models` (all, or only `names`)."""
-    stems = read_pipeline_config(root)["args"]["models"]
+    """Load the models named in pipeline.json's `args.models` (all, or only `names`).
+
+    `config` is the already-read pipeline.json, when the caller has it."""
+    stems = (config or read_pipeline_config(root))["args"]["models"]
     wanted = list(stems) if names is None else names
     absent = [n for n in wanted if n not in stems]
     if absent:
-        raise CheckpointError(f"{root}/pipeline.json names no model {', '.join(absent)}")
-    return {name: load_model(resolve_stem(root, stems[name]), device) for name in wanted}
+        raise CheckpointError(f"{root}/pipeline.json names no model {', '.join(absent)}; "
+                              "use the complete microsoft/TRELLIS.2-4B layout")
+    models = {}
+    for name in wanted:
+        log.info("loading %s", name)
+        models[name] = load_model(resolve_stem(root, stems[name]), device)
+    return models
 
 
 def save_checkpoint(model: nn.Module, config: dict[str, Any], stem: Path, dtype: torch.dtype | None = None) -> None:

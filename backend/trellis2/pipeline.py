@@ -20,7 +20,7 @@ from PIL import Image
 from torch import nn
 
 from backend.asset.ovoxel import OVoxel
-from backend.trellis2.checkpoint import load_model, read_pipeline_config, resolve_stem
+from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
 from backend.trellis2.sampler import SamplerParams
 from backend.trellis2.stages import (
     Normalization,
@@ -204,13 +204,7 @@ class Trellis2Pipeline:
         for name in wanted_types:
             pt = PIPELINE_TYPES[name]
             names += [m for m in (*pt.shape_models, pt.tex_model) if m not in names]
-        models = {}
-        for name in names:
-            if name not in stems:
-                raise PipelineError("weights_incomplete", f"{weights}/pipeline.json names no {name}",
-                                    "use the complete microsoft/TRELLIS.2-4B layout")
-            log.info("loading %s", name)
-            models[name] = load_model(resolve_stem(weights, stems[name]), "cpu")
+        models = load_pipeline_models(weights, names, "cpu", config)
         cond_name = args["image_cond_model"]["args"]["model_name"]
         local_cond = Path(weights) / cond_name
         conditioner = DinoV3Conditioner.from_pretrained(str(local_cond) if local_cond.exists() else cond_name)

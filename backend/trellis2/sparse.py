@@ -32,12 +32,6 @@ class SparseTensor:
         """Same voxels, new features; keeps the coordinate cache."""
         return SparseTensor(feats, self.coords, self.cache)
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> SparseTensor:
-        feats = self.feats.to(device=device, dtype=dtype)
-        if device is None or self.coords.device == torch.device(device):
-            return SparseTensor(feats, self.coords, self.cache)
-        return SparseTensor(feats, self.coords.to(device))
-
     # ----------------------------------------------------------------- batch layout
     @property
     def device(self) -> torch.device:
@@ -46,10 +40,6 @@ class SparseTensor:
     @property
     def dtype(self) -> torch.dtype:
         return self.feats.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.feats.shape
 
     @property
     def batch_ids(self) -> torch.Tensor:

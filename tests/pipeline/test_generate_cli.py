@@ -37,6 +37,26 @@ def test_tiny_checkpoint_then_generate_writes_an_ovoxel(tmp_path) -> None:
     assert ovoxel.resolution == 128 and ovoxel.metadata["seed"] == 3
 
 
+def test_generate_writes_a_textured_glb_with_the_asset_settings(tmp_path, tiny_checkpoint) -> None:
+    from backend.asset.glb import read_glb
+
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[8:56, 8:56] = (200, 40, 40, 255)
+    Image.fromarray(rgba).save(tmp_path / "red.png")
+    out = tmp_path / "red.glb"
+    steps = '{"steps": 2}'
+    run = _backend("generate", str(tmp_path / "red.png"), "-o", str(out), "--weights", str(tiny_checkpoint),
+                   "--ss-sampler", steps, "--shape-sampler", steps, "--texture-sampler", steps,
+                   "--texture-size", "256", "--alpha-mode", "MASK")
+    assert run.returncode == 0, run.stderr
+    mesh = read_glb(out)
+    assert mesh.base_color.shape == (256, 256, 4) and mesh.alpha_mode == "MASK"
+    assert len(mesh.indices) > 0
+
+    bad = _backend("generate", str(tmp_path / "red.png"), "--weights", str(tiny_checkpoint), "--texture-size", "300")
+    assert bad.returncode == 2 and "texture_size" in bad.stderr
+
+
 def test_hostile_image_and_missing_weights_are_clear_errors(tmp_path, tiny_checkpoint) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 40)
