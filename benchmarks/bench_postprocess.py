@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "asset"))  # the test shapes
 from asset_shapes import dual_grid_inputs, pbr_pattern, sphere_sdf, torus_sdf, union, voxelize  # noqa: E402
 
-from backend.asset.dual_grid import flexible_dual_grid_to_mesh  # noqa: E402
-from backend.asset.ovoxel import OVoxel  # noqa: E402
+from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh  # noqa: E402
+from backend.ovoxel.ovoxel import OVoxel  # noqa: E402
 from backend.asset.postprocess import build_textured_mesh  # noqa: E402
 from backend.asset.textured_mesh import AssetSettings, TexturedMesh  # noqa: E402
 

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from backend.asset.inpaint import fill_uncovered
-from backend.asset.nearest import closest_points
-from backend.asset.ovoxel import PBR_LAYOUT
+from backend.ovoxel.nearest import closest_points
+from backend.ovoxel.ovoxel import PBR_LAYOUT
 from backend.asset.raster import rasterize
 from backend.asset.sampling import sample_trilinear
 from backend.asset.uv import UVLayout

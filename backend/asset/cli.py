@@ -2,7 +2,7 @@
 
 encode reads .obj/.ply/.glb/.gltf/.stl (and whatever else trimesh reads) with their materials, turns the file's
 up axis into the O-Voxel's Z-up, fits the object into [-0.5, 0.5]^3 as the reference prepares its data, and
-encodes it (backend.asset.encode). decode runs the asset post-processing (backend.asset.postprocess) with the
+encodes it (backend.ovoxel.encode). decode runs the asset post-processing (backend.asset.postprocess) with the
 same settings a generation job takes, and writes a GLB (backend.asset.glb).
 """
 
@@ -19,8 +19,8 @@ import numpy as np
 from backend.asset.textured_mesh import AssetSettings, TexturedMesh
 
 if TYPE_CHECKING:
-    from backend.asset.encode import Material, SurfaceMesh
-    from backend.asset.ovoxel import OVoxel
+    from backend.ovoxel.encode import Material, SurfaceMesh
+    from backend.ovoxel.ovoxel import OVoxel
 
 Y_UP_SUFFIXES = (".glb", ".gltf", ".obj")  # glTF is Y-up by definition; OBJ exporters default to Y-up
 
@@ -104,7 +104,7 @@ def _progress(label: str):
 
 
 def _encode(args: argparse.Namespace) -> int:
-    from backend.asset.encode import encode_mesh, normalize_to_unit_cube
+    from backend.ovoxel.encode import encode_mesh, normalize_to_unit_cube
 
     if args.output.suffix.lower() != ".npz":
         raise CliError(f"the output must be a .npz file, got {args.output}")
@@ -134,7 +134,7 @@ def load_mesh_parts(path: Path, up: str) -> list[SurfaceMesh]:
     """The triangle meshes of a file (node transforms applied) as SurfaceMesh parts in a Z-up frame."""
     import trimesh
 
-    from backend.asset.encode import SurfaceMesh
+    from backend.ovoxel.encode import SurfaceMesh
 
     if not path.is_file():
         raise CliError(f"no such mesh file: {path}")
@@ -161,7 +161,7 @@ def _visual(visual) -> tuple[np.ndarray | None, np.ndarray | None, Material]:
     """(uvs, vertex colours, Material) from a trimesh visual; glTF semantics for PBR materials."""
     from trimesh.visual.material import PBRMaterial, SimpleMaterial
 
-    from backend.asset.encode import Material
+    from backend.ovoxel.encode import Material
 
     if visual.kind in ("vertex", "face"):
         colors = np.asarray(visual.vertex_colors, dtype=np.float64) / 255.0
@@ -224,7 +224,7 @@ def _apply_texture(parts: list[SurfaceMesh], image_path: Path) -> None:
 
 def _decode(args: argparse.Namespace) -> int:
     from backend.asset.glb import write_glb
-    from backend.asset.ovoxel import OVoxel
+    from backend.ovoxel.ovoxel import OVoxel
 
     if args.output.suffix.lower() != ".glb":
         raise CliError(f"the output must be a .glb file, got {args.output}")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-INT64_MAX = torch.iinfo(torch.int64).max
+from backend.ovoxel.segments import INT64_MAX
 
 
 @dataclass
@@ -88,14 +88,6 @@ def compact(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, 
     return vertices[used], new_id[faces.long()].to(faces.dtype)
 
 
-def expand_segments(count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(segment, position inside it) for every element of consecutive segments of the given lengths.
-
-    The vectorised form of `for s in segments: for i in range(count[s])`, used wherever each item (a triangle,
-    a query) fans out into a variable number of candidates.
-    """
-    segment = torch.repeat_interleave(torch.arange(count.numel(), device=count.device), count)
-    return segment, torch.arange(segment.numel(), device=count.device) - (torch.cumsum(count, 0) - count)[segment]
 
 
 def jump_to_roots(parent: torch.Tensor) -> torch.Tensor:
@@ -126,16 +118,3 @@ def connected_components(num_nodes: int, u: torch.Tensor, v: torch.Tensor) -> to
             return label
         label = hooked
 
-
-def segment_argmin(values: torch.Tensor, segment: torch.Tensor, num_segments: int) -> torch.Tensor:
-    """Index [num_segments] of the smallest non-negative float32 value of each segment (-1 where empty).
-
-    Non-negative float32 bit patterns sort like the floats, so (bits << 32 | index) packs value and position
-    into one int64 that a single scatter-min can reduce; ties go to the lower index.
-    """
-    bits = values.float().clamp_min(0).contiguous().view(torch.int32).long()
-    index = torch.arange(values.numel(), device=values.device)
-    key = (bits << 32) | index
-    best = torch.full((num_segments,), INT64_MAX, dtype=torch.int64, device=values.device)
-    best.scatter_reduce_(0, segment.long(), key, "amin")
-    return torch.where(best == INT64_MAX, torch.full_like(best, -1), best & 0xFFFFFFFF)

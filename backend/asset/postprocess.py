@@ -22,7 +22,7 @@ from backend.asset.bake import texel_attributes, to_textures
 from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces, unify_orientation
 from backend.asset.holes import fill_small_holes
 from backend.asset.meshutil import compact, edges_of, vertex_normals
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from backend.asset.remesh import remesh_narrow_band
 from backend.asset.simplify import simplify
 from backend.asset.textured_mesh import AssetSettings, TexturedMesh

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.asset.meshutil import expand_segments
+from backend.ovoxel.segments import expand_segments
 
 
 @dataclass

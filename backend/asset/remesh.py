@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import torch
 
-from backend.asset.dual_grid import QUAD_OFFSETS
+from backend.ovoxel.dual_grid import QUAD_OFFSETS
 from backend.asset.meshutil import compact, face_normals
-from backend.asset.nearest import closest_points
+from backend.ovoxel.nearest import closest_points
 from backend.native import VoxelIndex
 
 NEIGHBOURS = torch.stack(torch.meshgrid(*[torch.arange(-1, 2)] * 3, indexing="ij"), dim=-1).reshape(-1, 3)

@@ -27,9 +27,8 @@ import numpy as np
 import torch
 from numpy.lib.stride_tricks import sliding_window_view
 
-from backend.asset.meshutil import (
-    edges_of, expand_segments, face_normals, manifold_side_pairs, segment_argmin, unit_face_normals,
-)
+from backend.asset.meshutil import edges_of, face_normals, manifold_side_pairs, unit_face_normals
+from backend.ovoxel.segments import expand_segments, segment_argmin
 
 ROTATION_TRIALS = 16
 

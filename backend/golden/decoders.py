@@ -10,7 +10,7 @@ import re
 
 import torch
 
-from backend.asset.dual_grid import flexible_dual_grid_to_mesh
+from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh
 from backend.golden.registry import Case, Check, close, exact, golden_kind
 from backend.trellis2.sc_vae import FlexiDualGridVaeDecoder, SparseConv3d, SparseUnetVaeDecoder
 from backend.trellis2.sparse import SparseTensor

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from protocol import Cancelled, Error, ErrorCode, Result
 from protocol.messages import NAME_PATTERN
 

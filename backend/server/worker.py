@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Callable
 
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from backend.asset.textured_mesh import AssetSettings, TexturedMesh
 from backend.server.jobs import JobSpec, failure_error, result_message, spec_metadata
 from backend.server.store import JobStore, Terminal

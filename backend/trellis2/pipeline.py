@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
 from backend.trellis2.sampler import SamplerParams
 from backend.trellis2.stages import (

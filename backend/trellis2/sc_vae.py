@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from backend.asset.dual_grid import flexible_dual_grid_to_mesh
+from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh
 from backend.native import compute_dtype
 from backend.native.sparse_conv import build_neighbour_map, submanifold_conv3d
 from backend.trellis2.sparse import SparseTensor

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import torch
 
-from backend.asset.dual_grid import flexible_dual_grid_to_mesh
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh
+from backend.ovoxel.ovoxel import OVoxel
 
 Field = Callable[[torch.Tensor], torch.Tensor]
 

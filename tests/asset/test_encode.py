@@ -8,18 +8,18 @@ import pytest
 import torch
 import trimesh
 
-from backend.asset.dual_grid import QUAD_OFFSETS
-from backend.asset.encode import (
+from backend.ovoxel.dual_grid import QUAD_OFFSETS
+from backend.ovoxel.encode import (
     Material,
     SurfaceMesh,
-    closest_points_on_triangles,
     decode_dual_grid,
     encode_mesh,
     mesh_to_dual_grid,
     solve_box_qef,
 )
-from backend.asset.ovoxel import OVoxel
 from backend.native import VoxelIndex
+from backend.ovoxel.nearest import closest_on_triangles
+from backend.ovoxel.ovoxel import OVoxel
 
 R = 32
 
@@ -102,7 +102,7 @@ def distance_to_mesh(points: np.ndarray, v: np.ndarray, f: np.ndarray, k: int = 
         idx = torch.cdist(chunk, centroids).topk(k, largest=False).indices.numpy()
         p = np.repeat(chunk.numpy()[:, None], k, axis=1).reshape(-1, 3)
         a, b, c = (v[f[idx, j]].reshape(-1, 3) for j in range(3))
-        bary = closest_points_on_triangles(p, a, b, c)
+        bary = closest_on_triangles(*(torch.from_numpy(x) for x in (p, a, b, c))).numpy()
         nearest = bary[:, :1] * a + bary[:, 1:2] * b + bary[:, 2:] * c
         out.append(np.linalg.norm(nearest - p, axis=1).reshape(-1, k).min(axis=1))
     return np.concatenate(out)
@@ -202,7 +202,7 @@ def _separated(tri: np.ndarray, box_min: np.ndarray) -> bool:
 def test_face_term_cells_are_exactly_the_overlapped_cells() -> None:
     """The face QEF's (triangle, cell) pairs, found per column along the normal, equal all bounding-box cells
     that a separating-axis test says the triangle touches."""
-    from backend.asset.encode import JITTER, _face_cell_pairs, _planes
+    from backend.ovoxel.encode import JITTER, _face_cell_pairs, _planes
 
     res = 8
     rng = np.random.default_rng(1)

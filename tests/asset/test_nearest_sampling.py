@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from asset_shapes import uv_sphere
 
-from backend.asset.nearest import closest_on_triangles, closest_points
+from backend.ovoxel.nearest import closest_on_triangles, closest_points
 from backend.asset.sampling import sample_trilinear
 from backend.native import VoxelIndex
 

@@ -14,7 +14,7 @@ from trimesh.visual.material import PBRMaterial
 
 from backend.asset import cli
 from backend.asset.glb import read_glb
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from backend.asset.textured_mesh import TexturedMesh
 
 
@@ -99,7 +99,7 @@ def test_register_adds_the_command_to_a_parent_parser() -> None:
 
 
 def _encode_sphere(tmp_path, colour=(0.9, 0.1, 0.1, 1.0)) -> None:
-    from backend.asset.encode import Material, SurfaceMesh, encode_mesh
+    from backend.ovoxel.encode import Material, SurfaceMesh, encode_mesh
 
     m = trimesh.creation.icosphere(3, radius=0.35)
     material = Material(base_color=colour, metallic=0.2, roughness=0.6)

@@ -11,7 +11,7 @@ from asset_shapes import pbr_pattern, sphere_sdf, torus_sdf, union, voxelize
 from test_mesh_repair import directed_edges_agree, signed_volume
 
 from backend.asset.meshutil import edges_of
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from backend.asset.postprocess import STAGES, build_textured_mesh, reference_surface
 from backend.asset.remesh import remesh_narrow_band
 from backend.asset.textured_mesh import AssetSettings

@@ -8,7 +8,7 @@ from asset_shapes import sheet, uv_sphere
 from test_mesh_repair import directed_edges_agree
 
 from backend.asset.meshutil import edges_of, face_normals
-from backend.asset.nearest import closest_points
+from backend.ovoxel.nearest import closest_points
 from backend.asset.simplify import simplify
 
 

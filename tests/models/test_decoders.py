@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 
-from backend.asset.dual_grid import flexible_dual_grid_to_mesh
+from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh
 from backend.trellis2.sc_vae import FlexiDualGridVaeDecoder, SparseUnetVaeDecoder, subdivide
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.ss_decoder import SparseStructureDecoder, pixel_shuffle_3d

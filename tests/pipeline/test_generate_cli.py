@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from backend.trellis2 import pipeline as pipeline_module
 from backend.trellis2.pipeline import (
     PIPELINE_TYPES,
@@ -171,7 +171,7 @@ def test_a_missing_background_model_fails_only_the_jobs_that_need_it(tiny_checkp
 
 
 def test_the_ovoxel_carries_a_dual_grid_that_rebuilds_the_decoded_mesh(pipe, image) -> None:
-    from backend.asset.encode import decode_dual_grid
+    from backend.ovoxel.encode import decode_dual_grid
 
     result = pipe.run(image, _fast(seed=5))
     vertices, faces = decode_dual_grid(result)

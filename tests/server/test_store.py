@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.ovoxel import OVoxel
 from backend.server.store import JobStore, MissingOVoxel, StoreError
 from protocol import Cancelled, Error, ErrorCode, Result
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.asset.meshutil import expand_segments, segment_argmin
+from backend.ovoxel.segments import expand_segments, segment_argmin
 
 
 def closest_on_triangles(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

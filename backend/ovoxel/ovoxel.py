@@ -5,7 +5,7 @@ Voxel i covers the cube [coords_i, coords_i + 1) · voxel_size + origin of a `re
 unclamped (clamping happens only when textures become 8-bit). The mesh is the decoder's raw dual-grid surface.
 It may also carry its flexible dual grid, row-aligned with `coords` (spec §7.1): `dual_vertices` (voxel units
 from the voxel's min corner), `intersected` (edge flags) and `split_weight`. The generation pipeline and the
-encoder (`backend.asset.encode`) both fill them; older files without them still load.
+encoder (`backend.ovoxel.encode`) both fill them; older files without them still load.
 Saved as a plain `.npz`, so re-baking with other asset settings needs no regeneration.
 """
 

@@ -30,9 +30,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from backend.asset.dual_grid import dual_quads, flexible_dual_grid_to_mesh
-from backend.asset.ovoxel import OVoxel
+from backend.ovoxel.dual_grid import dual_quads, flexible_dual_grid_to_mesh
 from backend.native import VoxelIndex
+from backend.ovoxel.nearest import closest_on_triangles
+from backend.ovoxel.ovoxel import OVoxel
+from backend.ovoxel.segments import expand_segments
 
 ProgressCallback = Callable[[str, int, int], None]
 AABB = ((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))
@@ -531,7 +533,8 @@ def _voxel_attributes(parts: list[SurfaceMesh], vertices: np.ndarray, faces: np.
     tri_id, row = grid.sample_pairs
     p = (vertices.astype(np.float64) + 0.5) * resolution
     centre = grid.coords[row].astype(np.float64) + 0.5
-    bary = closest_points_on_triangles(centre, p[faces[tri_id, 0]], p[faces[tri_id, 1]], p[faces[tri_id, 2]])
+    corners = [torch.from_numpy(p[faces[tri_id, k]]) for k in range(3)]
+    bary = closest_on_triangles(torch.from_numpy(centre), *corners).numpy()
     samples = np.empty((tri_id.size, 6))
     offset = 0
     for index, part in enumerate(parts):
@@ -643,32 +646,6 @@ def _bilinear(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
             + (1 - fx) * fy * image[yb, xa] + fx * fy * image[yb, xb])
 
 
-def closest_points_on_triangles(p: np.ndarray, a: np.ndarray, b: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """[M, 3] barycentric coordinates of the point of triangle (a, b, c) nearest to p (all [M, 3]); Voronoi
-    regions tested in Ericson's order (vertices, then edges, then the interior)."""
-    ab, ac, ap, bp, cp = b - a, c - a, p - a, p - b, p - c
-    d1, d2 = (ab * ap).sum(1), (ac * ap).sum(1)
-    d3, d4 = (ab * bp).sum(1), (ac * bp).sum(1)
-    d5, d6 = (ab * cp).sum(1), (ac * cp).sum(1)
-    va, vb, vc = d3 * d6 - d5 * d4, d5 * d2 - d1 * d6, d1 * d4 - d3 * d2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t_ab = d1 / (d1 - d3)
-        t_ac = d2 / (d2 - d6)
-        t_bc = (d4 - d3) / ((d4 - d3) + (d5 - d6))
-        total = va + vb + vc
-        v_in, w_in = np.where(total != 0, vb / total, 1 / 3), np.where(total != 0, vc / total, 1 / 3)
-    one, zero = np.ones_like(d1), np.zeros_like(d1)
-    conditions = [
-        (d1 <= 0) & (d2 <= 0),
-        (d3 >= 0) & (d4 <= d3),
-        (vc <= 0) & (d1 >= 0) & (d3 <= 0),
-        (d6 >= 0) & (d5 <= d6),
-        (vb <= 0) & (d2 >= 0) & (d6 <= 0),
-        (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0),
-    ]
-    v = np.select(conditions, [zero, one, t_ab, zero, zero, 1 - t_bc], v_in)
-    w = np.select(conditions, [zero, zero, zero, one, t_ac, t_bc], w_in)
-    return np.stack([1 - v - w, v, w], axis=1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -713,10 +690,10 @@ def _scatter(index: np.ndarray, values: np.ndarray, n: int) -> np.ndarray:
 
 
 def _ragged(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(owner, local): item i repeated counts[i] times, with 0..counts[i]-1 alongside."""
-    owner = np.repeat(np.arange(counts.size), counts)
-    start = np.cumsum(counts) - counts
-    return owner, np.arange(owner.size) - start[owner]
+    """(owner, local): item i repeated counts[i] times, with 0..counts[i]-1 alongside (numpy view of
+    `expand_segments`)."""
+    owner, local = expand_segments(torch.from_numpy(np.ascontiguousarray(counts, dtype=np.int64)))
+    return owner.numpy(), local.numpy()
 
 
 def _ragged_chunks(counts: np.ndarray):
