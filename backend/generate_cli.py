@@ -8,14 +8,16 @@ into a GLB later with other asset settings.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
 
-from backend.asset.cli import add_asset_arguments, asset_settings
 from backend.asset.textured_mesh import AssetSettings
-from backend.trellis2.pipeline import DEFAULT_WEIGHTS, PIPELINE_TYPES, GenerationSettings, PipelineError
+from backend.errors import JobFailure
+from backend.ovoxel_cli import asset_settings
+from protocol import InvalidSettings
+from protocol.settings import DEFAULT_WEIGHTS, GENERATE
+from protocol.settings_cli import add_setting_arguments, given_settings
 
 
 class ProgressLine:
@@ -43,40 +45,20 @@ class ProgressLine:
         self.stream.flush()
 
 
-def _sampler_overrides(raw: str | None, name: str) -> dict:
-    if not raw:
-        return {}
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise SystemExit(f"error: --{name} must be a JSON object, e.g. '{{\"steps\": 20}}' ({exc})") from exc
-    if not isinstance(value, dict):
-        raise SystemExit(f"error: --{name} must be a JSON object")
-    return value
-
-
 def run_generate(args: argparse.Namespace) -> int:
-    from backend.trellis2.background import BackgroundModelError, LazyRemover
+    from backend.trellis2.background import LazyRemover
     from backend.trellis2.checkpoint import CheckpointError
     from backend.trellis2.image_cond import DinoV3LoadError
     from backend.trellis2.pipeline import Trellis2Pipeline
-    from backend.trellis2.preprocess import ImageInputError
 
     output = args.output or args.image.with_suffix(".glb")
     if not args.image.is_file():
         print(f"error: image {args.image} not found", file=sys.stderr)
         return 2
     try:
-        settings = GenerationSettings.from_dict({
-            "pipeline_type": args.pipeline, "seed": args.seed,
-            "sparse_structure_sampler": _sampler_overrides(args.ss_sampler, "ss-sampler"),
-            "shape_sampler": _sampler_overrides(args.shape_sampler, "shape-sampler"),
-            "texture_sampler": _sampler_overrides(args.texture_sampler, "texture-sampler"),
-            "max_num_tokens": args.max_tokens,
-        })
         asset = asset_settings(args)
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except InvalidSettings as exc:
+        print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
         return 2
     progress = ProgressLine()
     try:
@@ -84,6 +66,7 @@ def run_generate(args: argparse.Namespace) -> int:
         remover = LazyRemover(args.rembg) if args.rembg else None
         pipeline = Trellis2Pipeline.from_pretrained(args.weights, device=args.device, memory=args.memory,
                                                     remover=remover)
+        settings = pipeline.settings(given_settings(args, GENERATE))
         ovoxel = pipeline.run(args.image, settings, progress)
         progress.done(f"generated {ovoxel.coords.shape[0]} voxels, {ovoxel.faces.shape[0]} faces "
                       f"at {ovoxel.resolution}^3 in {progress.elapsed():.1f}s")
@@ -91,10 +74,10 @@ def run_generate(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         progress.done("cancelled; nothing was written")
         return 130
-    except (CheckpointError, DinoV3LoadError, ImageInputError, BackgroundModelError) as exc:
+    except (CheckpointError, DinoV3LoadError) as exc:
         progress.done(f"error: {exc}")
         return 1
-    except PipelineError as exc:
+    except (JobFailure, InvalidSettings) as exc:
         progress.done(f"error: {exc.message}\nhint: {exc.hint}")
         return 1
 
@@ -118,19 +101,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("image", type=Path)
     p.add_argument("-o", "--output", type=Path, help="OUT.glb or OUT.npz (default: IMAGE.glb)")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="hub repo id or local folder with pipeline.json")
-    p.add_argument("--pipeline", choices=sorted(PIPELINE_TYPES), help="pipeline type (default: the checkpoint's)")
-    p.add_argument("--seed", type=int, default=42)
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--memory", choices=["auto", "gpu", "offload"], default="auto",
                    help="keep all models on the GPU, move each in for its stage, or decide from free memory")
     p.add_argument("--rembg", metavar="SESSION_OR_ONNX",
                    help="background remover for images without alpha: a rembg session name (default "
                         "birefnet-general, MIT) or a local .onnx file")
-    p.add_argument("--max-tokens", type=int, default=49152, help="token limit of the 1536 cascade")
-    for name in ("ss-sampler", "shape-sampler", "texture-sampler"):
-        p.add_argument(f"--{name}", metavar="JSON",
-                       help='overrides, e.g. \'{"steps": 20, "guidance_strength": 5}\'')
-    add_asset_arguments(p)
+    add_setting_arguments(p, GENERATE)
     p.set_defaults(run=run_generate)
 
     p = sub.add_parser("tiny-checkpoint", help="write a tiny random checkpoint in the hub layout (for tests)")

@@ -5,6 +5,7 @@ Blocking use (scripts, `blender -b`):
     with Client("tcp://127.0.0.1:5555") as client:
         client.hello()
         result = client.generate(open("chair.png", "rb").read(), {"seed": 1}, on_event=print)
+        again = client.run(Reprocess(result.job_id, {"faces": 20000}))
 
 Timer-driven use (Blender's UI, which must never block): submit once, then call
 `poll_event(0)` from a `bpy.app.timers` callback until it returns None, handling what comes.
@@ -24,6 +25,7 @@ import math
 import uuid
 from collections import deque
 from contextlib import suppress
+from dataclasses import replace
 from time import monotonic
 from typing import Any, Callable, Iterator, Mapping, NoReturn
 
@@ -32,8 +34,8 @@ import zmq
 from .codec import decode, encode
 from .errors import BackendUnreachable, DeadlineExceeded, JobCancelled, MalformedMessage, ProtocolError
 from .limits import DEFAULT_LIMITS, Limits
-from .messages import (Accepted, Cancel, Cancelled, Error, Fetch, Hello, Info, Message, Ping, Pong,
-                       Result, Submit)
+from .messages import (Accepted, Cancel, Cancelled, Error, Fetch, Generate, Hello, Info, Message, Ping, Pong,
+                       Request, Result)
 from .transport import configure_socket, split_envelope
 
 
@@ -87,13 +89,11 @@ class Client:
         """The backend's Info: cached from the last hello() unless `refresh` or none yet."""
         return self.hello() if refresh or self.server_info is None else self.server_info
 
-    def submit(self, image: bytes, settings: Mapping[str, Any] | None = None, *,
-               client_job_id: str | None = None) -> str:
-        """Queue a job and return its job id; the Accepted answer is the first of its events().
-
-        Raises RemoteError when the backend refuses it (queue_full, invalid_image, ...)."""
-        cid = client_job_id or uuid.uuid4().hex
-        self._send(Submit(image, dict(settings or {}), cid))
+    def submit(self, request: Request) -> str:
+        """Queue a job (Generate, Reprocess or Texture) and return its job id; the Accepted answer is the first of
+        its events(). Raises RemoteError when the backend refuses it (queue_full, invalid_settings, ...)."""
+        cid = request.client_job_id or uuid.uuid4().hex
+        self._send(replace(request, client_job_id=cid))
         answer = self._expect(lambda m: isinstance(m, (Accepted, Error)) and m.client_job_id == cid,
                               "answer to the submit")
         if isinstance(answer, Error):
@@ -132,9 +132,14 @@ class Client:
 
     def generate(self, image: bytes, settings: Mapping[str, Any] | None = None, *,
                  on_event: Callable[[Message], None] | None = None, timeout: float | None = None) -> Result:
+        """`run(Generate(image, settings))`: image in, Result out."""
+        return self.run(Generate(image, dict(settings or {})), on_event=on_event, timeout=timeout)
+
+    def run(self, request: Request, *, on_event: Callable[[Message], None] | None = None,
+            timeout: float | None = None) -> Result:
         """Submit, wait and return the Result; raise RemoteError / JobCancelled otherwise.
         An interrupted wait (Ctrl-C, timeout, dead backend) cancels the job on a best-effort basis."""
-        job_id = self.submit(image, settings)
+        job_id = self.submit(request)
         try:
             for msg in self.events(job_id, timeout):
                 if on_event is not None:

@@ -19,7 +19,7 @@ from .arrays import from_wire, to_wire
 from .errors import LimitExceeded, MalformedMessage, ProtocolError
 from .images import check_image
 from .limits import DEFAULT_LIMITS, Limits, Role
-from .messages import MESSAGE_TYPES, Message, Submit, binary_fields
+from .messages import MESSAGE_TYPES, Message, Texture, binary_fields
 from .version import PROTOCOL_VERSION, check_version
 
 HEADER_KEYS = {"v", "type", "body", "frames"}
@@ -52,8 +52,7 @@ def encode(msg: Message, limits: Limits = DEFAULT_LIMITS) -> list[bytes | memory
                 buffers.append(buffer)
         else:
             body[f.name] = _plain(value)
-    if isinstance(msg, Submit):
-        check_image(msg.image, limits)
+    _check_request(msg, limits)
     header = msgpack.packb({"v": PROTOCOL_VERSION, "type": msg.TYPE, "body": body, "frames": descriptors},
                            use_bin_type=True)
     _check_sizes([len(header), *(memoryview(b).nbytes for b in buffers)], limits)
@@ -107,9 +106,19 @@ def _decode(frames: Sequence[Frame], limits: Limits, sender: Role | None) -> Mes
     values = dict(body)
     values.update(_binaries(cls, kinds, header["frames"], views[1:], limits))
     msg = cls(**values)
-    if isinstance(msg, Submit):
-        check_image(msg.image, limits)
+    _check_request(msg, limits)
     return msg
+
+
+def _check_request(msg: Message, limits: Limits) -> None:
+    """What a request's binaries must satisfy beyond their frames: a readable image, a mesh within its limit."""
+    if "image" in binary_fields(type(msg)):
+        check_image(msg.image, limits)
+    if isinstance(msg, Texture):
+        size = sum(a.nbytes for a in msg.mesh.values())
+        if size > limits.max_mesh_bytes:
+            raise LimitExceeded("max_mesh_bytes", size, limits.max_mesh_bytes,
+                                hint="send a simpler mesh (decimate it) or ask the server for a larger limit")
 
 
 def _unpack_header(view: memoryview, limits: Limits) -> dict:

@@ -27,6 +27,7 @@ class ErrorCode(str, Enum):
     MODEL_NOT_READY = "model_not_ready"
     OUT_OF_MEMORY = "out_of_memory"
     JOB_FAILED = "job_failed"
+    UNSUPPORTED = "unsupported"  # the server offers no such request (see Info.capabilities)
     INTERNAL_ERROR = "internal_error"
     # Detected locally by the client, never sent over the wire by a well-behaved server.
     BACKEND_UNREACHABLE = "backend_unreachable"

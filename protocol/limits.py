@@ -26,7 +26,8 @@ class Limits:
     max_frame_bytes: int = 512 * MiB  # one frame; also zmq.MAXMSGSIZE on the client's socket
     max_header_bytes: int = 1 * MiB  # the msgpack header frame
     max_items: int = 100_000  # entries of any one list or map inside the header
-    max_image_bytes: int = 64 * MiB  # encoded image file in a submit
+    max_image_bytes: int = 64 * MiB  # encoded image file in a request
+    max_mesh_bytes: int = 256 * MiB  # the mesh arrays of a texture request, all together
     max_image_pixels: int = 8192 * 8192  # width * height declared by the image file's header
     max_arrays: int = 64  # binary frames (arrays, image) in one message
     max_array_elements: int = 1 << 28  # elements of one array
@@ -41,11 +42,11 @@ class Limits:
     def inbound_frame_bytes(self, receiver: Role) -> int:
         """Largest frame `receiver` can legitimately get, for zmq.MAXMSGSIZE on its socket.
 
-        A server only ever receives headers and images, so its socket refuses anything bigger and a
-        hostile client cannot make it buffer a 512 MiB frame; a client receives result arrays.
+        A server only ever receives headers, images and a texture request's mesh arrays, so its socket refuses
+        anything bigger and a hostile client cannot make it buffer a 512 MiB frame; a client receives result arrays.
         """
         if receiver == "server":
-            return min(self.max_frame_bytes, max(self.max_header_bytes, self.max_image_bytes))
+            return min(self.max_frame_bytes, max(self.max_header_bytes, self.max_image_bytes, self.max_mesh_bytes))
         return self.max_frame_bytes
 
     def to_dict(self) -> dict[str, int]:

@@ -21,6 +21,7 @@ import numpy as np
 from .arrays import dtype_name
 from .errors import ErrorCode, MalformedMessage, ProtocolError, RemoteError
 from .limits import DEFAULT_LIMITS, Limits, Role
+from .settings import GENERATE, REPROCESS, TEXTURE
 
 # Job ids and array names end up in file names and logs: keep them boring.
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
@@ -86,17 +87,50 @@ class Info(Message):
     capabilities: list[str] = field(default_factory=list)
     limits: Limits = DEFAULT_LIMITS  # what the server accepts; the client adopts it for what it sends
     details: dict[str, Any] = field(default_factory=dict)  # free-form facts: library versions, ...
+    settings: dict[str, Any] = field(default_factory=dict)  # the server's settings schema (Schema.to_wire)
+
+
+class Request(Message):
+    """Base of the messages that start a job; the server answers each with Accepted or a refusing Error.
+    `settings` is a flat map of the settings schema's names (protocol/settings.py) for this request's KIND."""
+
+    KIND: ClassVar[str]
+    SENT_BY = "client"
 
 
 @dataclass(frozen=True)
-class Submit(Message):
-    """A job: the encoded image file (PNG/JPEG/WebP/BMP/TIFF) and settings for the backend."""
+class Generate(Request):
+    """Image to 3D: the encoded image file (PNG/JPEG/WebP/BMP/TIFF) and generation + asset settings."""
 
-    TYPE = "submit"
-    SENT_BY = "client"
+    TYPE = "generate"
+    KIND = GENERATE
     image: bytes
     settings: dict[str, Any] = field(default_factory=dict)
     client_job_id: JobId | None = None  # echoed in Accepted/Error so the client can match the answer
+
+
+@dataclass(frozen=True)
+class Reprocess(Request):
+    """Rebuild the asset of an earlier job from its stored O-Voxel with other asset settings (no generation)."""
+
+    TYPE = "reprocess"
+    KIND = REPROCESS
+    source_job_id: JobId
+    settings: dict[str, Any] = field(default_factory=dict)
+    client_job_id: JobId | None = None
+
+
+@dataclass(frozen=True, eq=False)  # ndarray fields make dataclass equality ambiguous
+class Texture(Request):
+    """Texture an existing mesh from an image: `mesh` holds `positions` float32 [N, 3], `indices` uint32 [F, 3]
+    and optionally `uvs` float32 [3F, 2] (one per face corner, v up)."""
+
+    TYPE = "texture"
+    KIND = TEXTURE
+    image: bytes
+    mesh: dict[str, np.ndarray] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+    client_job_id: JobId | None = None
 
 
 @dataclass(frozen=True)
@@ -205,8 +239,8 @@ class Pong(Message):
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
-    cls.TYPE: cls for cls in (Hello, Info, Submit, Accepted, Progress, Result, Error, Cancel, Cancelled,
-                              Fetch, Ping, Pong)
+    cls.TYPE: cls for cls in (Hello, Info, Generate, Reprocess, Texture, Accepted, Progress, Result, Error, Cancel,
+                              Cancelled, Fetch, Ping, Pong)
 }
 
 

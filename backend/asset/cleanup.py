@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from backend.asset.meshutil import (
-    INT64_MAX, compact, connected_components, edges_of, face_normals, manifold_side_pairs,
-)
+from backend.asset.meshutil import compact, connected_components, edges_of, face_normals, manifold_side_pairs
+from backend.ovoxel.segments import INT64_MAX
 
 
 def remove_degenerate_and_duplicate_faces(faces: torch.Tensor) -> torch.Tensor:

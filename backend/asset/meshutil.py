@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.ovoxel.segments import INT64_MAX
-
 
 @dataclass
 class Edges:

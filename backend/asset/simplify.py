@@ -15,8 +15,8 @@ from collections.abc import Callable
 
 import torch
 
-from backend.asset.meshutil import INT64_MAX, boundary_sides, compact, edges_of, face_normals, unit_face_normals
-from backend.ovoxel.segments import expand_segments
+from backend.asset.meshutil import boundary_sides, compact, edges_of, face_normals, unit_face_normals
+from backend.ovoxel.segments import INT64_MAX, expand_segments
 
 QUALITY_FLOOR = 0.1  # a collapse may not leave a face skinnier than this and than it was before
 MIN_NORMAL_COS = 0.2  # a collapse may not turn a face's normal by more than ~78 degrees

@@ -10,8 +10,9 @@ B = metallic (R unused, 0).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal
 
 import numpy as np
 
@@ -20,25 +21,21 @@ AlphaMode = Literal["AUTO", "OPAQUE", "MASK", "BLEND"]
 
 @dataclass(frozen=True)
 class AssetSettings:
-    """How an O-Voxel becomes a textured mesh. Defaults are the reference web app's."""
+    """How an O-Voxel becomes a textured mesh. Values, defaults and their ranges are the settings schema's
+    (protocol/settings.py), which validates them; this is their typed form for the asset code."""
 
-    faces: int = 500_000  # target triangle count after simplification
-    texture_size: int = 2048
-    remesh: bool = False
-    remesh_band: float = 1.0
-    alpha_mode: AlphaMode = "AUTO"  # AUTO: BLEND when any texel is transparent, else OPAQUE
-    alpha_cutoff: float = 0.5  # for MASK
-    fill_hole_perimeter: float = 3e-2  # holes with a shorter boundary are closed (world units)
+    faces: int  # target triangle count after simplification
+    texture_size: int
+    remesh: bool
+    remesh_band: float
+    alpha_mode: AlphaMode  # AUTO: BLEND when any texel is transparent, else OPAQUE
+    alpha_cutoff: float  # for MASK
+    fill_hole_perimeter: float  # holes with a shorter boundary are closed (world units)
 
-    def __post_init__(self) -> None:
-        if not 1_000 <= self.faces <= 20_000_000:
-            raise ValueError(f"faces must be in [1000, 20000000], got {self.faces}")
-        if self.texture_size not in (256, 512, 1024, 2048, 4096, 8192):
-            raise ValueError(f"texture_size must be a power of two in 256..8192, got {self.texture_size}")
-        if self.alpha_mode not in ("AUTO", "OPAQUE", "MASK", "BLEND"):
-            raise ValueError(f"alpha_mode must be AUTO, OPAQUE, MASK or BLEND, got {self.alpha_mode!r}")
-        if not 0.0 <= self.alpha_cutoff <= 1.0:
-            raise ValueError(f"alpha_cutoff must be in [0, 1], got {self.alpha_cutoff}")
+    @classmethod
+    def from_settings(cls, settings: Mapping[str, Any]) -> AssetSettings:
+        """From resolved flat settings (they hold more than the asset's: those are ignored)."""
+        return cls(**{f.name: settings[f.name] for f in fields(cls)})
 
 
 @dataclass

@@ -44,7 +44,7 @@ def pipeline_glue(case: Case) -> list[Check]:
         model = build_model({"name": cfg["class_name"], "args": cfg["args"]})
         load_weights_strict(model, case.weights_with_prefix(key + "."), f"{case.path}/weights.safetensors[{key}]")
         models[key] = model.eval()
-    params = {k: SamplerParams().merged(v) for k, v in meta["sampler_params"].items()}
+    params = {k: SamplerParams.from_params(v) for k, v in meta["sampler_params"].items()}
     shape_norm = Normalization.from_config(meta["shape_slat_normalization"])
     tex_norm = Normalization.from_config(meta["tex_slat_normalization"])
     noise = [t[f"in.noise{i}"] for i in range(4)]

@@ -18,7 +18,7 @@ def _model(case: Case, config: dict, prefix: str = "") -> torch.nn.Module:
 
 
 def _params(raw: dict) -> SamplerParams:
-    return SamplerParams().merged(raw)
+    return SamplerParams.from_params(raw)
 
 
 @golden_kind("flow_euler_cfg_sampler_dense", "flow_euler_cfg_sampler_sparse")

@@ -15,7 +15,6 @@ signal skips the grace period.
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import platform
@@ -30,25 +29,28 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import zmq
 
 import backend
 from backend.server.auth import SecurityError, secure_server_socket, server_keys_for
-from backend.server.jobs import InvalidSettings, parse_settings
+from backend.server.requests import JobSpec
 from backend.server.store import JobStore, StoreError, Terminal
-from backend.server.worker import AssetBuilder, Engine, Job, Worker, load_engine
+from backend.server.worker import QueuedJob, Worker
 from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, Accepted, Cancel, Cancelled, Error, ErrorCode, Fetch, Hello,
-                      Info, Limits, Message, ModelStatus, Ping, Pong, Progress, ProtocolError, Submit,
-                      configure_socket, decode, encode, join_envelope, split_envelope)
+                      Info, InvalidSettings, Limits, Message, ModelStatus, Ping, Pong, Progress, ProtocolError,
+                      Reprocess, Request, configure_socket, decode, encode, join_envelope, split_envelope)
+from protocol.settings import DEFAULT_WEIGHTS
+
+if TYPE_CHECKING:
+    from backend.engine import AssetBuilder, Engine
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BIND = "tcp://127.0.0.1:5555"
 SERVER_NAME = "trellis2-backend"
-CAPABILITIES = ["cancel", "fetch", "progress", "reprocess"]
 POLL_MS = 250  # the loop also wakes this often to notice stop requests and run the purge timer
 READ_BATCH = 64  # requests read per wake-up before worker events get their turn
 PURGE_INTERVAL_S = 600.0
@@ -65,7 +67,7 @@ def default_store_dir() -> Path:
 @dataclass(frozen=True)
 class ServerConfig:
     bind: str = DEFAULT_BIND
-    weights: str | None = None  # hub repo id or local folder; None: the pipeline's default (microsoft/TRELLIS.2-4B)
+    weights: str | None = None  # hub repo id or local folder; None: protocol.settings.DEFAULT_WEIGHTS
     device: str | None = None  # None: cuda if available, else cpu
     memory: str = "auto"  # auto | gpu | offload, see Trellis2Pipeline.from_pretrained
     store: Path = field(default_factory=default_store_dir)
@@ -86,7 +88,7 @@ class Server:
 
     def __init__(self, config: ServerConfig, load: Callable[[], Engine] | None = None) -> None:
         self.config = config
-        self._load = load or partial(load_engine, config.weights, config.device, config.memory)
+        self._load = load or partial(_load_engine, config.weights, config.device, config.memory, None)
         self._events: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._routes: dict[str, Route] = {}  # job -> the client its events go to
         self._last_progress: dict[str, Progress] = {}
@@ -100,10 +102,7 @@ class Server:
     def start(self) -> str:
         """Open the store, bind, start the worker (which loads the models); returns the bound endpoint."""
         keys = server_keys_for(self.config.bind, self.config.keys)
-        # Import torch and the pipeline here, before serving: a submit's settings check must never wait on the
-        # worker thread's import lock.
-        pipeline = importlib.import_module("backend.trellis2.pipeline")
-        self.model_name = self.config.weights or pipeline.DEFAULT_WEIGHTS
+        self.model_name = self.config.weights or DEFAULT_WEIGHTS
         self.secure = keys is not None
         try:  # everything opened here is closed in reverse order by close()
             self.store = JobStore(self.config.store, self.config.store_max_bytes, self.config.store_max_age_s)
@@ -190,11 +189,12 @@ class Server:
     def _requeue_pending(self) -> None:
         for record in self.store.pending():
             try:
-                spec = parse_settings(record.settings)
+                spec = JobSpec(record.kind, self.worker.schema.check(record.kind, record.settings),
+                               record.source_job_id)
             except InvalidSettings as exc:  # settings this version no longer understands
                 self.store.finish(record.job_id, Error.from_exception(exc, job_id=record.job_id))
                 continue
-            self.worker.submit(Job(record.job_id, spec))
+            self.worker.submit(QueuedJob(record.job_id, spec))
             log.info("job %s re-queued from the store", record.job_id)
 
     # -- worker -> loop ---------------------------------------------------------------------------
@@ -270,7 +270,7 @@ class Server:
                 self._peers.popitem(last=False)
             log.debug("hello from client %s (%s %s)", _peer(route), msg.client, msg.client_version)
             self._send(route, self._info())
-        elif isinstance(msg, Submit):
+        elif isinstance(msg, Request):
             self._submit(route, msg)
         elif isinstance(msg, Cancel):
             self._cancel(route, msg.job_id)
@@ -282,9 +282,10 @@ class Server:
         details = {**self._versions, "model_error": self.worker.load_error or None, "store_jobs": len(self.store),
                    "store_bytes": self.store.total_bytes(), "curve": self.secure}
         return Info(SERVER_NAME, backend.__version__, self.model_name, self.worker.status, self.worker.device,
-                    self.worker.queue_length(), free, total, CAPABILITIES, self.config.limits, details)
+                    self.worker.queue_length(), free, total, list(self.worker.capabilities), self.config.limits,
+                    details, self.worker.schema.to_wire())
 
-    def _submit(self, route: Route, msg: Submit) -> None:
+    def _submit(self, route: Route, msg: Request) -> None:
         cid = msg.client_job_id
 
         def refuse(error: Error) -> None:
@@ -293,26 +294,30 @@ class Server:
             self._send(route, error)
 
         try:
-            spec = parse_settings(msg.settings)
+            spec = JobSpec.of(msg, self.worker.schema)
         except InvalidSettings as exc:
             return refuse(Error.from_exception(exc, client_job_id=cid))
         if self.worker.status == ModelStatus.FAILED:
             return refuse(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {self.worker.load_error}",
                                 "fix the cause shown in the server log and restart the server", None, cid))
-        if spec.reprocess_job is not None and not self.store.has_ovoxel(spec.reprocess_job):
-            return refuse(Error(ErrorCode.UNKNOWN_JOB, f"job {spec.reprocess_job} has no stored O-Voxel (unknown, "
+        if self.worker.status == ModelStatus.READY and msg.KIND not in self.worker.capabilities:
+            return refuse(Error(ErrorCode.UNSUPPORTED, f"this server does not run {msg.TYPE} requests",
+                                f"it offers: {', '.join(self.worker.capabilities)}", None, cid))
+        if isinstance(msg, Reprocess) and not self.store.has_ovoxel(msg.source_job_id):
+            return refuse(Error(ErrorCode.UNKNOWN_JOB, f"job {msg.source_job_id} has no stored O-Voxel (unknown, "
                                 f"failed, not finished yet, or purged)", "generate it again", None, cid))
         if len(self.worker.waiting()) >= self.config.max_queue:
             return refuse(Error(ErrorCode.QUEUE_FULL, f"{self.config.max_queue} jobs are waiting already",
                                 "try again when the queue is shorter", None, cid))
         job_id = uuid.uuid4().hex  # unguessable: knowing a job id is what entitles a client to its result
         try:
-            self.store.create(job_id, msg.image, msg.settings, cid)
+            self.store.create(job_id, spec.kind, spec.settings, image=getattr(msg, "image", None),
+                              source_job_id=spec.source_job_id, client_job_id=cid)
         except OSError as exc:
             return refuse(Error(ErrorCode.INTERNAL_ERROR, f"the server could not store the job: {exc}",
                                 "free disk space in the server's --store folder", None, cid))
         self._routes[job_id] = route
-        position = self.worker.submit(Job(job_id, spec))
+        position = self.worker.submit(QueuedJob(job_id, spec))
         self._send(route, Accepted(job_id, position, cid))
         log.info("job %s accepted from client %s (client job %s), queue position %d", job_id, _peer(route), cid,
                  position)
@@ -397,11 +402,15 @@ def _peer(route: Route) -> str:
 
 
 def _versions() -> dict[str, object]:
-    import torch
-
     return {"protocol": PROTOCOL_VERSION, "python": platform.python_version(), "numpy": np.__version__,
-            "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version(), "torch": str(torch.__version__),
-            "cuda": torch.version.cuda}
+            "pyzmq": zmq.pyzmq_version(), "libzmq": zmq.zmq_version()}
+
+
+def _load_engine(weights: str | None, device: str | None, memory: str, build_asset: AssetBuilder | None) -> Engine:
+    """The worker's loader: imports torch and the models on the worker thread, never on the I/O thread."""
+    from backend.engine import load_engine
+
+    return load_engine(weights, device, memory, build_asset)
 
 
 # -- command line -------------------------------------------------------------------------------------
@@ -436,7 +445,7 @@ def serve_command(args: argparse.Namespace, build_asset: AssetBuilder | None = N
                           store=args.store, keys=args.keys, max_queue=args.max_queue,
                           store_max_bytes=int(args.store_max_gb * GiB), store_max_age_s=args.store_max_days * 86400,
                           grace_s=args.grace)
-    server = Server(config, partial(load_engine, args.weights, args.device, args.memory, build_asset))
+    server = Server(config, partial(_load_engine, args.weights, args.device, args.memory, build_asset))
     try:
         server.start()
     except (SecurityError, StoreError, ServerStartError) as exc:

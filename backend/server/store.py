@@ -23,7 +23,7 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +59,9 @@ class MissingOVoxel(LookupError):
 class JobRecord:
     job_id: str
     created: float
-    settings: dict[str, Any]
+    kind: str  # the request: generate, reprocess or texture (protocol.settings.REQUESTS)
+    settings: dict[str, Any]  # as the client sent them, checked against the settings schema
+    source_job_id: str | None = None  # reprocess: the job whose O-Voxel is rebuilt
     client_job_id: str | None = None
     state: str = QUEUED
     finished: float | None = None
@@ -165,18 +167,20 @@ class JobStore:
 
     # -- writing ----------------------------------------------------------------------------------
 
-    def create(self, job_id: str, image: bytes, settings: dict[str, Any], client_job_id: str | None) -> JobRecord:
-        """Persist a new queued job (its image first, then its record)."""
+    def create(self, job_id: str, kind: str, settings: dict[str, Any], *, image: bytes | None = None,
+               source_job_id: str | None = None, client_job_id: str | None = None) -> JobRecord:
+        """Persist a new queued job (its image first, if it has one, then its record)."""
         if not NAME_PATTERN.fullmatch(job_id):
             raise ValueError(f"bad job id {job_id!r}")
-        record = JobRecord(job_id, time.time(), settings, client_job_id)
+        record = JobRecord(job_id, time.time(), kind, settings, source_job_id, client_job_id)
         with self._lock:
             if job_id in self._records:
                 raise ValueError(f"job {job_id} exists already")
             folder = self._dir(job_id)
             folder.mkdir()
             try:
-                atomic_write(folder / INPUT, image)
+                if image is not None:
+                    atomic_write(folder / INPUT, image)
                 self._write_record(record)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -223,9 +227,8 @@ class JobStore:
         with self._lock:
             if self._ended(job_id):
                 return False
-            record = self._records[job_id]
-            done = JobRecord(job_id, record.created, record.settings, record.client_job_id, state, time.time(),
-                             error, metadata)
+            done = replace(self._records[job_id], state=state, finished=time.time(), error=error,
+                           metadata=metadata, delivered=False)
             self._write_record(done)
             (folder / INPUT).unlink(missing_ok=True)
             self._records[job_id] = done

@@ -1,4 +1,5 @@
-"""`python -m backend submit IMAGE --server ADDR [-o OUT.glb]`: a terminal client with a progress bar.
+"""`python -m backend submit IMAGE --server ADDR [-o OUT.glb] [--seed N ...]`: a terminal client with a progress bar.
+`--reprocess JOB_ID` rebuilds an earlier job's asset with other asset settings instead.
 
 Handy for remote servers and scripts: it prints the job id first, so a result whose wait was cut short (Ctrl-C
 cancels the job; a lost connection does not) can be collected later with `--fetch JOB_ID`.
@@ -16,8 +17,11 @@ from typing import TextIO
 import numpy as np
 
 from backend.server.auth import SecurityError, client_keys
-from protocol import (Accepted, BackendUnreachable, Cancelled, Client, Error, Message, Progress, ProtocolError,
-                      Result)
+from backend.server.results import textured_mesh_from_result
+from protocol import (Accepted, BackendUnreachable, Cancelled, Client, Error, Generate, Message, Progress,
+                      ProtocolError, Reprocess, Request, Result)
+from protocol.settings import GENERATE
+from protocol.settings_cli import add_setting_arguments, given_settings
 
 DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 BAR_WIDTH = 30
@@ -29,18 +33,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("image", type=Path, nargs="?", help="PNG, JPEG, WebP, BMP or TIFF file")
     p.add_argument("--server", default=DEFAULT_SERVER, help="server address (default: %(default)s)")
     p.add_argument("-o", "--output", type=Path, help="the .glb to write (default: IMAGE or JOB_ID with .glb)")
-    p.add_argument("--settings", default="{}", help="job settings as a JSON map (schema: backend/server/README.md)")
-    p.add_argument("--seed", type=int, help="shorthand for the seed setting")
+    p.add_argument("--settings", default="{}", metavar="JSON", help="more settings as a JSON map, e.g. ones a newer "
+                   "server offers (the flags below win)")
     p.add_argument("--fetch", metavar="JOB_ID", help="collect an earlier job's result instead of submitting")
+    p.add_argument("--reprocess", metavar="JOB_ID", help="rebuild an earlier job's mesh and textures with the asset "
+                   "settings given here, without generating again")
     p.add_argument("--server-key", type=Path, help="the server's public key file (server.key): turns on CURVE")
     p.add_argument("--client-key", type=Path, help="this client's key_secret file, given with --server-key")
     p.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
+    add_setting_arguments(p, GENERATE)
     p.set_defaults(run=submit_command)
 
 
 def submit_command(args: argparse.Namespace) -> int:
-    if (args.image is None) == (args.fetch is None):
-        print("error: give either IMAGE or --fetch JOB_ID", file=sys.stderr)
+    if sum(x is not None for x in (args.image, args.fetch, args.reprocess)) != 1:
+        print("error: give one of IMAGE, --fetch JOB_ID or --reprocess JOB_ID", file=sys.stderr)
         return 2
     if (args.server_key is None) != (args.client_key is None):
         print("error: --server-key and --client-key go together", file=sys.stderr)
@@ -48,20 +55,24 @@ def submit_command(args: argparse.Namespace) -> int:
     try:
         settings = json.loads(args.settings)
         if not isinstance(settings, dict):
-            raise ValueError("not a JSON map")
-        if args.seed is not None:
-            settings["seed"] = args.seed
-        image = args.image.read_bytes() if args.image is not None else b""
+            raise ValueError("--settings is not a JSON map")
+        settings.update(given_settings(args, GENERATE))  # the server refuses any a reprocess does not take
+        request: Request | None = None
+        if args.image is not None:
+            request = Generate(args.image.read_bytes(), settings)
+        elif args.reprocess is not None:
+            request = Reprocess(args.reprocess, settings)
         curve = client_keys(args.server_key, args.client_key) if args.server_key else {}
     except (OSError, ValueError, SecurityError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    output = args.output or Path(args.image.with_suffix(".glb").name if args.image else f"{args.fetch}.glb")
+    output = args.output or Path(args.image.with_suffix(".glb").name if args.image
+                                 else f"{args.fetch or args.reprocess}.glb")
     try:
         with Client(args.server, client_name="backend-submit", **curve) as client:
             client.hello()
-            final = _fetch(client, args.fetch, args.timeout) if args.fetch else _run(client, image, settings,
-                                                                                     args.timeout, args.server)
+            final = (_fetch(client, args.fetch, args.timeout) if request is None
+                     else _run(client, request, args.timeout, args.server))
     except BackendUnreachable as exc:
         print(f"\nerror: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
         return 2
@@ -81,8 +92,8 @@ def submit_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run(client: Client, image: bytes, settings: dict, timeout: float | None, server: str) -> Message | None:
-    job_id = client.submit(image, settings)
+def _run(client: Client, request: Request, timeout: float | None, server: str) -> Message | None:
+    job_id = client.submit(request)
     print(f"job {job_id}", file=sys.stderr)
     bar = ProgressBar(sys.stderr)
     try:
@@ -135,8 +146,6 @@ class ProgressBar:
 
 def save_result(result: Result, output: Path) -> Path:
     """Write the result as a .glb, or as .npz (arrays plus metadata JSON) when the GLB writer is unavailable."""
-    from backend.server.jobs import textured_mesh_from_result
-
     try:
         from backend.asset.glb import write_glb
     except ImportError as exc:  # pygltflib missing on a slim client install

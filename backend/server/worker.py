@@ -1,9 +1,11 @@
-"""The one GPU worker: loads the models once in the background, then runs queued jobs one at a time.
+"""The one GPU worker: loads the engine once in the background, then runs queued jobs one at a time.
 
-A job is: generate the O-Voxel (pipeline) and store it, then build the textured mesh (asset step); a re-processing
-job takes a stored O-Voxel and only builds. The worker never talks to sockets: it hands messages (progress and each
-job's single terminal message, already recorded in the store) to `emit`, which the server's I/O thread delivers.
-Cancellation and shutdown are flags checked by the progress callback between steps.
+A generate job makes the O-Voxel (engine.generate), stores it, then builds the textured mesh (engine.build_asset); a
+reprocess job takes a stored O-Voxel and only builds. The worker never talks to sockets: it hands messages
+(progress and each job's single terminal message, already recorded in the store) to `emit`, which the server's I/O
+thread delivers. Cancellation and shutdown are flags checked by the progress callback between steps. It knows jobs,
+not models: the engine (backend/engine.py, imported only when the worker loads it) plans each job's stages and
+raises `backend.errors.JobFailure` for anything a user can act on.
 """
 
 from __future__ import annotations
@@ -13,79 +15,43 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from functools import partial
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Callable
 
-from backend.ovoxel.ovoxel import OVoxel
-from backend.asset.textured_mesh import AssetSettings, TexturedMesh
-from backend.server.jobs import JobSpec, failure_error, result_message, spec_metadata
-from backend.server.store import JobStore, Terminal
-from protocol import Cancelled, Error, ErrorCode, Message, ModelStatus, Progress
+from backend.errors import JobFailure
+from backend.progress import StageFraction, StopRequested
+from backend.server.requests import JobSpec, spec_metadata
+from backend.server.results import result_message
+from backend.server.store import JobStore, MissingOVoxel, Terminal
+from protocol import Cancelled, Error, ErrorCode, InvalidSettings, Message, ModelStatus, Progress, Schema
+from protocol.settings import GENERATE, REPROCESS, SETTINGS
+
+if TYPE_CHECKING:
+    from backend.engine import Engine
 
 log = logging.getLogger(__name__)
 
-ProgressFn = Callable[[str, int, int], None]
-AssetBuilder = Callable[[OVoxel, AssetSettings, ProgressFn], TexturedMesh]
 IDLE_REFRESH_S = 2.0  # how often an idle worker refreshes the GPU memory figures for `info`
 BUSY_REFRESH_S = 1.0
 PROGRESS_INTERVAL_S = 0.1  # at most this often per job, except at stage changes and stage ends
-# Where each pipeline stage sits in a job's overall progress; asset building takes the rest.
-GENERATION_SPANS = {
-    "preprocess": (0.0, 0.03), "condition": (0.03, 0.06), "sparse_structure": (0.06, 0.2),
-    "shape": (0.2, 0.5), "shape_lr": (0.2, 0.3), "upsample": (0.3, 0.33), "shape_hr": (0.33, 0.5),
-    "texture": (0.5, 0.75), "decode": (0.75, 0.8),
-}
+MAX_ERROR_TEXT = 2000  # exception texts can embed whole tensors; keep error messages readable
 
 
 @dataclass
-class Engine:
-    """What jobs run on, loaded once. Tests build one around the tiny checkpoint and their own asset step."""
-
-    generate: Callable[[bytes, Any, ProgressFn], OVoxel]  # (image file, GenerationSettings, progress)
-    build_asset: AssetBuilder
-    device: str  # for people: "cuda:0 NVIDIA H100", "cpu"
-    cancelled: type[Exception]  # what the progress callback raises to stop a job between steps
-    memory: Callable[[], tuple[int | None, int | None]] = lambda: (None, None)  # free, total GPU bytes
-
-
-def load_engine(weights: str | None, device: str | None = None, memory: str = "auto",
-                build_asset: AssetBuilder | None = None) -> Engine:
-    """The real engine: TRELLIS.2 from `weights` and, unless given, backend.asset.postprocess for the asset."""
-    import torch
-
-    from backend.trellis2.pipeline import DEFAULT_WEIGHTS, JobCancelled, Trellis2Pipeline
-
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipeline = Trellis2Pipeline.from_pretrained(weights or DEFAULT_WEIGHTS, device=dev, memory=memory)
-    if build_asset is None:
-        from backend.asset.postprocess import build_textured_mesh
-
-        build_asset = partial(build_textured_mesh, device=dev)
-    if dev.type != "cuda":
-        return Engine(pipeline.run, build_asset, str(dev), JobCancelled)
-    index = dev.index if dev.index is not None else torch.cuda.current_device()
-    return Engine(pipeline.run, build_asset, f"cuda:{index} {torch.cuda.get_device_name(index)}", JobCancelled,
-                  partial(torch.cuda.mem_get_info, index))
-
-
-@dataclass
-class Job:
+class QueuedJob:
     job_id: str
     spec: JobSpec
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class JobProgress:
-    """Turns the pipeline's (stage, step, total) calls into Progress messages with an overall fraction, and times
-    stages: one log line per finished stage, and the timings for the result's metadata."""
+    """Turns the engine's (stage, step, total) calls into Progress messages with an overall fraction over the job's
+    planned stages, and times stages: one log line per finished stage, and the timings for the result's metadata."""
 
-    def __init__(self, job_id: str, reprocess: bool) -> None:
+    def __init__(self, job_id: str, fraction: StageFraction) -> None:
         self.job_id = job_id
-        self.asset_start = 0.0 if reprocess else GENERATION_SPANS["decode"][1]
         self.timings: dict[str, float] = {}
-        self.fraction = 0.0
+        self._fraction = fraction
         self._stage = ""
-        self._span = (0.0, 0.0)
         self._stage_start = self._last_sent = time.monotonic()
 
     def update(self, stage: str, step: int, total: int) -> Progress | None:
@@ -94,16 +60,12 @@ class JobProgress:
         if new_stage:
             self.close_stage(now)
             self._stage, self._stage_start = stage, now
-            # Asset stages are not known in advance: each takes half of what is left.
-            start = max(self.fraction, self.asset_start)
-            self._span = GENERATION_SPANS.get(stage) or (start, (start + 1.0) / 2)
+        fraction = self._fraction.update(stage, step, total)
         step, total = max(0, step), max(0, total)
-        within = min(step / total, 1.0) if total else 0.0
-        self.fraction = max(self.fraction, self._span[0] + (self._span[1] - self._span[0]) * within)
         if not (new_stage or (total and step >= total) or now - self._last_sent >= PROGRESS_INTERVAL_S):
             return None
         self._last_sent = now
-        return Progress(self.job_id, stage, min(step, total) if total else step, total, min(self.fraction, 1.0))
+        return Progress(self.job_id, stage, min(step, total) if total else step, total, fraction)
 
     def close_stage(self, now: float | None = None) -> None:
         if self._stage:
@@ -115,7 +77,7 @@ class JobProgress:
 
 class Worker:
     """One thread owning the engine and a FIFO of jobs. Thread-safe calls from the server's I/O thread:
-    submit, cancel, queue_length, waiting, running, stop, interrupt. The server bounds the queue."""
+    submit, cancel, queue_length, waiting, running, stop, interrupt, schema. The server bounds the queue."""
 
     def __init__(self, store: JobStore, load: Callable[[], Engine], emit: Callable[[Message], None],
                  device_hint: str = "auto") -> None:
@@ -126,8 +88,8 @@ class Worker:
         self.gpu_memory: tuple[int | None, int | None] = (None, None)
         self._engine: Engine | None = None
         self._cond = threading.Condition()
-        self._queue: deque[Job] = deque()
-        self._running: Job | None = None
+        self._queue: deque[QueuedJob] = deque()
+        self._running: QueuedJob | None = None
         self._stopping = False
         self._interrupt = threading.Event()
         self._thread = threading.Thread(target=self._main, name="gpu-worker", daemon=True)
@@ -135,10 +97,21 @@ class Worker:
 
     # -- called from the I/O thread ---------------------------------------------------------------
 
+    @property
+    def schema(self) -> Schema:
+        """The settings schema jobs are checked against: the engine's (its checkpoint's defaults) once loaded."""
+        engine = self._engine
+        return engine.schema if engine is not None else SETTINGS
+
+    @property
+    def capabilities(self) -> tuple[str, ...]:
+        engine = self._engine
+        return engine.capabilities if engine is not None else ()
+
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> int:
+    def submit(self, job: QueuedJob) -> int:
         """Queue `job`; returns its queue position (0: it runs now)."""
         with self._cond:
             self._queue.append(job)
@@ -214,7 +187,7 @@ class Worker:
         self.status = ModelStatus.READY
         log.info("models ready on %s in %.1fs", self.device, time.monotonic() - started)
 
-    def _take(self) -> Job | None:
+    def _take(self) -> QueuedJob | None:
         while True:
             with self._cond:
                 if self._stopping:
@@ -236,46 +209,48 @@ class Worker:
         except Exception:  # a sick driver must not kill the worker; `info` then shows no figures
             self.gpu_memory = (None, None)
 
-    def _execute(self, job: Job) -> None:
+    def _execute(self, job: QueuedJob) -> None:
         started = time.monotonic()
         spec, engine = job.spec, self._engine
-        meter = JobProgress(job.job_id, reprocess=spec.reprocess_job is not None)
-        log.info("job %s started", job.job_id)
+        log.info("job %s (%s) started", job.job_id, spec.kind)
+        meter: JobProgress | None = None
         try:
             if engine is None:
                 raise _ModelNotReady(self.load_error)
+            settings = engine.schema.resolve(spec.kind, spec.settings)
+            meter = JobProgress(job.job_id, StageFraction(engine.plan(spec.kind, settings)))
 
             def progress(stage: str, step: int, total: int) -> None:
                 if job.cancel.is_set() or self._interrupt.is_set():
-                    raise engine.cancelled(f"job {job.job_id} stopped")
+                    raise StopRequested(f"job {job.job_id} stopped")
                 self._refresh_memory()
                 message = meter.update(stage, step, total)
                 if message is not None:
                     self._emit(message)
 
-            if spec.reprocess_job is not None:
-                self.store.share_ovoxel(spec.reprocess_job, job.job_id)
+            if spec.kind == REPROCESS:
+                self.store.share_ovoxel(spec.source_job_id, job.job_id)
                 ovoxel = self.store.load_ovoxel(job.job_id)
-            else:
-                ovoxel = engine.generate(self.store.image(job.job_id), spec.generation, progress)
+            elif spec.kind == GENERATE:
+                ovoxel = engine.generate(self.store.image(job.job_id), settings, progress)
                 self.store.save_ovoxel(job.job_id, ovoxel)
-            mesh = engine.build_asset(ovoxel, spec.asset, progress)
+            else:
+                raise JobFailure(f"this server cannot run {spec.kind} jobs", "update the backend")
+            mesh = engine.build_asset(ovoxel, settings, progress)
             meter.close_stage()
-            meta = {**spec_metadata(spec), "ovoxel": ovoxel.metadata,
+            meta = {**spec_metadata(spec, settings), "ovoxel": ovoxel.metadata,
                     "timings": {**meter.timings, "total": time.monotonic() - started},
                     "vertex_count": int(len(mesh.positions)), "face_count": int(len(mesh.indices))}
             outcome: Terminal = result_message(job.job_id, mesh, meta)
         except Exception as exc:
-            meter.close_stage()
+            if meter is not None:
+                meter.close_stage()
             if job.cancel.is_set():
                 outcome = Cancelled(job.job_id)
             elif self._interrupt.is_set():
                 log.info("job %s interrupted by shutdown after %.2fs; it stays queued and runs after a restart",
                          job.job_id, time.monotonic() - started)
                 return
-            elif isinstance(exc, _ModelNotReady):
-                outcome = Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {exc}",
-                                "fix the cause in the server log and restart the server", job.job_id)
             else:
                 outcome = failure_error(job.job_id, exc)
                 if outcome.code == ErrorCode.INTERNAL_ERROR:
@@ -302,3 +277,26 @@ class Worker:
 
 class _ModelNotReady(Exception):
     pass
+
+
+def failure_error(job_id: str, exc: BaseException) -> Error:
+    """The `error` message for a job that raised `exc`; anything unforeseen is an internal error."""
+    if isinstance(exc, JobFailure):
+        return Error(ErrorCode(exc.code), _text(exc.message), exc.hint, job_id)
+    if isinstance(exc, InvalidSettings):  # settings a restarted server's checkpoint no longer accepts
+        return Error.from_exception(exc, job_id=job_id)
+    if isinstance(exc, _ModelNotReady):
+        return Error(ErrorCode.MODEL_NOT_READY, _text(f"the models failed to load: {exc}"),
+                     "fix the cause in the server log and restart the server", job_id)
+    if isinstance(exc, MissingOVoxel):
+        return Error(ErrorCode.UNKNOWN_JOB, str(exc), "generate it again", job_id)
+    if isinstance(exc, MemoryError):
+        return Error(ErrorCode.OUT_OF_MEMORY, "the server ran out of memory",
+                     "ask for fewer faces or a smaller texture_size, or free memory on the server", job_id)
+    return Error(ErrorCode.INTERNAL_ERROR, _text(f"{type(exc).__name__}: {exc}"),
+                 "the server log has the traceback; please report it", job_id)
+
+
+def _text(message: str) -> str:
+    return message if len(message) <= MAX_ERROR_TEXT else message[:MAX_ERROR_TEXT] + " ..."
+

@@ -20,11 +20,17 @@ from PIL import Image
 from rembg.sessions import sessions as REMBG_SESSIONS
 from rembg.sessions.base import BaseSession
 
+from backend.errors import ModelUnavailable
+
 DEFAULT_SESSION = "birefnet-general"
 
 
-class BackgroundModelError(RuntimeError):
+class BackgroundModelError(ModelUnavailable):
     """The background-removal model cannot be loaded; the message says which file is missing and where."""
+
+    def __init__(self, message: str, hint: str = "images with their own alpha need no background removal; "
+                                                   "or pass --rembg NAME_OR_ONNX") -> None:
+        super().__init__(message, hint)
 
 
 class RembgRemover:

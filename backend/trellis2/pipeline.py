@@ -1,17 +1,19 @@
 """TRELLIS.2 image-to-3D: one image and settings in, one O-Voxel asset out (spec §5–§6).
 
-`Trellis2Pipeline.from_pretrained(weights)` reads the hub layout (pipeline.json + ckpts/), `run(image, settings,
-progress)` generates. `progress(stage, step, total)` is called between steps; raising `JobCancelled` (or any
-exception) from it stops the job there. Models are kept on the GPU when they fit and otherwise moved in for their
-stage only (the reference's low-VRAM behaviour); `memory="auto"` picks from free GPU memory.
+`Trellis2Pipeline.from_pretrained(weights)` reads the hub layout (pipeline.json + ckpts/), `settings(raw)` turns
+a flat settings map (protocol/settings.py) into typed settings over the checkpoint's defaults, and `run(image,
+settings, progress)` generates. `progress(stage, step, total)` is called between steps with the stages this module
+publishes (`stages(settings)`); raising from it (`backend.progress.StopRequested`) stops the job there. Models are
+kept on the GPU when they fit and otherwise moved in for their stage only (the reference's low-VRAM behaviour);
+`memory="auto"` picks from free GPU memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +21,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from backend.errors import JobFailure, OutOfMemory, UnsupportedSetting
 from backend.ovoxel.ovoxel import OVoxel
+from backend.progress import ProgressCallback, Stage, ignore_progress
 from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
 from backend.trellis2.sampler import SamplerParams
+from protocol.settings import DEFAULT_WEIGHTS, GENERATE, SETTINGS, Schema, sampler_setting_name, sampler_values
 from backend.trellis2.stages import (
     Normalization,
     cascade_coords,
@@ -34,22 +39,19 @@ from backend.trellis2.stages import (
 
 log = logging.getLogger(__name__)
 
-ProgressCallback = Callable[[str, int, int], None]
-DEFAULT_WEIGHTS = "microsoft/TRELLIS.2-4B"
 # Activation headroom kept free when deciding whether every model can stay on the GPU at once.
 GPU_HEADROOM_BYTES = 12 * 2**30
 
-
-class JobCancelled(Exception):
-    """Raised from a progress callback to stop a job between steps."""
-
-
-class PipelineError(RuntimeError):
-    """A generation that cannot proceed; `hint` tells the user what to change."""
-
-    def __init__(self, code: str, message: str, hint: str) -> None:
-        super().__init__(f"{message} ({hint})")
-        self.code, self.message, self.hint = code, message, hint
+# The stages a generation reports, with their share of a typical job's time (measured on the GPU, 1024_cascade).
+PREPROCESS = Stage("preprocess", 1.0)
+CONDITION = Stage("condition", 1.0)
+SPARSE_STRUCTURE = Stage("sparse_structure", 9.0)
+SHAPE = Stage("shape", 20.0)  # the one shape flow of a non-cascade type
+SHAPE_LR = Stage("shape_lr", 10.0)
+UPSAMPLE = Stage("upsample", 1.0)
+SHAPE_HR = Stage("shape_hr", 40.0)
+TEXTURE = Stage("texture", 22.0)
+DECODE = Stage("decode", 10.0)
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,11 @@ class PipelineType:
     cond_resolution: int
     upscale: float = 1.0
 
+    @property
+    def stages(self) -> tuple[Stage, ...]:
+        shape = (SHAPE,) if len(self.shape_models) == 1 else (SHAPE_LR, UPSAMPLE, SHAPE_HR)
+        return (PREPROCESS, CONDITION, SPARSE_STRUCTURE, *shape, TEXTURE, DECODE)
+
 
 PIPELINE_TYPES = {
     "512": PipelineType(("shape_slat_flow_model_512",), "tex_slat_flow_model_512", 512),
@@ -74,6 +81,7 @@ PIPELINE_TYPES = {
     "1536_cascade": PipelineType(("shape_slat_flow_model_512", "shape_slat_flow_model_1024"),
                                  "tex_slat_flow_model_1024", 1024, upscale=1.5),
 }
+# pipeline.json's sampler entry for each stage whose sampler settings the schema names.
 STAGE_SAMPLERS = {
     "sparse_structure": "sparse_structure_sampler",
     "shape": "shape_slat_sampler",
@@ -83,37 +91,25 @@ STAGE_SAMPLERS = {
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """What a caller may choose per job; sampler overrides are merged over pipeline.json's params."""
+    """One generation's settings, typed. Built from the settings schema's flat map by `Trellis2Pipeline.settings`,
+    which validates it and fills in the checkpoint's defaults."""
 
-    pipeline_type: str | None = None
-    seed: int = 42
-    sparse_structure_sampler: dict[str, Any] = field(default_factory=dict)
-    shape_sampler: dict[str, Any] = field(default_factory=dict)
-    texture_sampler: dict[str, Any] = field(default_factory=dict)
-    max_num_tokens: int = 49152
-    preprocess: bool = True
+    pipeline_type: str
+    seed: int
+    remove_background: bool
+    max_num_tokens: int
+    samplers: dict[str, SamplerParams]  # by stage: sparse_structure, shape, texture
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> GenerationSettings:
-        """Validate untrusted settings (from the wire or the CLI); errors name the field and the fix."""
-        valid = {f.name for f in fields(cls)}
-        unknown = set(raw) - valid
-        if unknown:
-            raise ValueError(f"unknown generation setting(s) {sorted(unknown)}; valid: {sorted(valid)}")
-        settings = cls(**raw)
-        if settings.pipeline_type is not None and settings.pipeline_type not in PIPELINE_TYPES:
-            raise ValueError(f"pipeline_type {settings.pipeline_type!r} is not one of {sorted(PIPELINE_TYPES)}")
-        if not isinstance(settings.seed, int) or not 0 <= settings.seed < 2**63:
-            raise ValueError(f"seed must be an integer in [0, 2^63), got {settings.seed!r}")
-        if not isinstance(settings.preprocess, bool):
-            raise ValueError(f"preprocess must be true or false, got {settings.preprocess!r}")
-        if not isinstance(settings.max_num_tokens, int) or settings.max_num_tokens < 1:
-            raise ValueError(f"max_num_tokens must be a positive integer, got {settings.max_num_tokens!r}")
-        for name in ("sparse_structure_sampler", "shape_sampler", "texture_sampler"):
-            if not isinstance(getattr(settings, name), dict):
-                raise ValueError(f"{name} must be a mapping of sampler settings")
-            SamplerParams().merged(getattr(settings, name))  # raises on bad keys/values
-        return settings
+    def from_settings(cls, settings: Mapping[str, Any]) -> GenerationSettings:
+        """From complete, validated flat settings (`Schema.resolve`)."""
+        samplers = {}
+        for stage in STAGE_SAMPLERS:
+            values = sampler_values(settings, stage)
+            interval = (values.pop("guidance_interval_start"), values.pop("guidance_interval_end"))
+            samplers[stage] = SamplerParams(**values, guidance_interval=interval)
+        return cls(settings["pipeline_type"], settings["seed"], settings["remove_background"],
+                   settings["max_num_tokens"], samplers)
 
 
 class ModelStore:
@@ -169,12 +165,25 @@ class Trellis2Pipeline:
         self.conditioner = conditioner
         self.remover = remover
         self.pipeline_types = pipeline_types
-        self.default_type = args.get("default_pipeline_type", "1024_cascade")
-        self.sampler_params = {
-            stage: SamplerParams().merged(args[key]["params"]) for stage, key in STAGE_SAMPLERS.items()
-        }
+        # The settings schema with this checkpoint's own defaults (pipeline type, per-stage sampler params).
+        defaults: dict[str, Any] = {"pipeline_type": args.get("default_pipeline_type", "1024_cascade")}
+        for stage, key in STAGE_SAMPLERS.items():
+            params = SamplerParams.from_params(args[key]["params"])
+            for name in ("steps", "guidance_strength", "guidance_rescale", "rescale_t"):
+                defaults[sampler_setting_name(stage, name)] = getattr(params, name)
+            defaults[sampler_setting_name(stage, "guidance_interval_start")] = params.guidance_interval[0]
+            defaults[sampler_setting_name(stage, "guidance_interval_end")] = params.guidance_interval[1]
+        self.schema: Schema = SETTINGS.with_defaults(defaults)
         self.shape_norm = Normalization.from_config(args["shape_slat_normalization"])
         self.tex_norm = Normalization.from_config(args["tex_slat_normalization"])
+
+    def settings(self, raw: Mapping[str, Any] | None = None) -> GenerationSettings:
+        """Typed settings from a flat settings map (the schema's names), over this checkpoint's defaults; raises
+        protocol.InvalidSettings naming a bad setting."""
+        return GenerationSettings.from_settings(self.schema.resolve(GENERATE, raw or {}))
+
+    def stages(self, settings: GenerationSettings) -> tuple[Stage, ...]:
+        return PIPELINE_TYPES[settings.pipeline_type].stages
 
     @classmethod
     def from_pretrained(
@@ -218,14 +227,16 @@ class Trellis2Pipeline:
         return cls(config, store, conditioner, remover, {k: PIPELINE_TYPES[k] for k in wanted_types})
 
     # ------------------------------------------------------------------------------------------- running
-    def run(self, image: bytes | str | Path | Image.Image, settings: GenerationSettings, progress: ProgressCallback | None = None) -> OVoxel:
+    def run(self, image: bytes | str | Path | Image.Image, settings: GenerationSettings,
+            progress: ProgressCallback = ignore_progress) -> OVoxel:
+        """Generate. `progress(stage, step, total)` is called between steps (stage names: `self.stages(settings)`);
+        whatever it raises stops the run there and comes out of here unchanged."""
         try:
             with torch.inference_mode():
-                return self._run(image, settings, progress or (lambda stage, step, total: None))
+                return self._run(image, settings, progress)
         except torch.cuda.OutOfMemoryError as exc:
             torch.cuda.empty_cache()
-            raise PipelineError(
-                "out_of_memory",
+            raise OutOfMemory(
                 f"the GPU ran out of memory during generation: {str(exc).splitlines()[0]}",
                 "start the backend with --memory offload, pick a smaller pipeline type (512 or 1024_cascade), "
                 "or lower max_num_tokens",
@@ -234,75 +245,71 @@ class Trellis2Pipeline:
     def _run(self, image: Any, settings: GenerationSettings, progress: ProgressCallback) -> OVoxel:
         from backend.trellis2.preprocess import load_image, preprocess_image
 
-        type_name = settings.pipeline_type or self.default_type
+        type_name = settings.pipeline_type
         if type_name not in self.pipeline_types:
-            raise PipelineError("unsupported_pipeline_type", f"pipeline type {type_name!r} is not loaded",
-                                f"use one of {sorted(self.pipeline_types)}")
+            raise UnsupportedSetting(f"pipeline type {type_name!r} is not loaded in this backend",
+                                     f"use one of {sorted(self.pipeline_types)}")
         ptype = self.pipeline_types[type_name]
-        params = {
-            "sparse_structure": self.sampler_params["sparse_structure"].merged(settings.sparse_structure_sampler),
-            "shape": self.sampler_params["shape"].merged(settings.shape_sampler),
-            "texture": self.sampler_params["texture"].merged(settings.texture_sampler),
-        }
+        params = settings.samplers
         device = self.store.device
 
-        def stepper(stage: str) -> Callable[[int, int], None]:
-            return lambda step, total: progress(stage, step, total)
+        def stepper(stage: Stage) -> Callable[[int, int], None]:
+            return lambda step, total: progress(stage.name, step, total)
 
-        progress("preprocess", 0, 1)
+        progress(PREPROCESS.name, 0, 1)
         img = image if isinstance(image, Image.Image) else load_image(image)
-        if settings.preprocess:
+        if settings.remove_background:
             img = preprocess_image(img, self.remover)
-        progress("preprocess", 1, 1)
+        progress(PREPROCESS.name, 1, 1)
 
-        progress("condition", 0, 1)
+        progress(CONDITION.name, 0, 1)
         cond_lr = self.conditioner.features(img, 512).to(device)
         cond_hr = cond_lr if ptype.cond_resolution == 512 else self.conditioner.features(img, ptype.cond_resolution).to(device)
-        progress("condition", 1, 1)
+        progress(CONDITION.name, 1, 1)
 
         noise = seeded_noise(settings.seed)
         first_shape = self.store.models[ptype.shape_models[0]]
         with self.store.use("sparse_structure_flow_model") as flow, self.store.use("sparse_structure_decoder") as dec:
             coords = sample_sparse_structure(flow, dec, cond_lr, first_shape.resolution, params["sparse_structure"],
-                                             noise, stepper("sparse_structure"))
+                                             noise, stepper(SPARSE_STRUCTURE))
         if coords.shape[0] == 0:
-            raise PipelineError("empty_structure", "the model found no object in this image",
-                                "try another seed or an image with a clearly separated subject")
+            raise JobFailure("the model found no object in this image",
+                             "try another seed, or an image with one clearly separated subject")
 
         if len(ptype.shape_models) == 1:
             with self.store.use(ptype.shape_models[0]) as flow:
                 shape_slat = sample_shape_slat(flow, cond_hr, coords, params["shape"], self.shape_norm, noise,
-                                               stepper("shape"))
+                                               stepper(SHAPE))
                 resolution = flow.resolution * 16
         else:
             lr_name, hr_name = ptype.shape_models
             with self.store.use(lr_name) as flow:
                 lr_slat = sample_shape_slat(flow, cond_lr, coords, params["shape"], self.shape_norm, noise,
-                                            stepper("shape_lr"))
+                                            stepper(SHAPE_LR))
                 lr_resolution = flow.resolution * 16
-            progress("upsample", 0, 1)
+            progress(UPSAMPLE.name, 0, 1)
             with self.store.use("shape_slat_decoder") as dec:
                 hr_raw = upsample_lr_shape(dec, lr_slat)
             hr_base = self.store.models[hr_name].resolution * 16
             coords, resolution = cascade_coords(hr_raw, lr_resolution, hr_base, int(hr_base * ptype.upscale),
                                                 settings.max_num_tokens)
-            progress("upsample", 1, 1)
+            progress(UPSAMPLE.name, 1, 1)
             with self.store.use(hr_name) as flow:
                 shape_slat = sample_shape_slat(flow, cond_hr, coords, params["shape"], self.shape_norm, noise,
-                                               stepper("shape_hr"))
+                                               stepper(SHAPE_HR))
 
         with self.store.use(ptype.tex_model) as flow:
             tex_slat = sample_texture_slat(flow, cond_hr, shape_slat, params["texture"], self.shape_norm,
-                                           self.tex_norm, noise, stepper("texture"))
+                                           self.tex_norm, noise, stepper(TEXTURE))
 
-        progress("decode", 0, 2)
+        progress(DECODE.name, 0, 2)
         with self.store.use("shape_slat_decoder") as dec:
             dec.set_resolution(resolution)
             shape = dec(shape_slat)
-        progress("decode", 1, 2)
+        progress(DECODE.name, 1, 2)
         with self.store.use("tex_slat_decoder") as dec:
             tex = dec(tex_slat, guide_subs=shape.subs)
-        progress("decode", 2, 2)
+        progress(DECODE.name, 2, 2)
         vertices, faces = shape.meshes[0]
         if not torch.equal(shape.vertices.coords, tex.coords):
             raise RuntimeError("texture decoder voxels differ from the shape decoder's (guide_subs not followed)")

@@ -21,6 +21,8 @@ from typing import Callable
 import numpy as np
 from PIL import Image, ImageOps
 
+from backend.errors import InvalidInput
+
 # Same default as the wire protocol's Limits.max_image_pixels; the server passes its own value.
 DEFAULT_MAX_PIXELS = 8192 * 8192
 MAX_SIDE = 1024  # reference: larger inputs are downscaled to this longest side before matting
@@ -34,13 +36,8 @@ Remover = Callable[[Image.Image], Image.Image]
 _SIXTEEN_BIT_MODES = {"I", "I;16", "I;16L", "I;16B", "I;16N"}
 
 
-class ImageInputError(ValueError):
-    """An input image we cannot use. `problem` says what is wrong, `fix` what the user can do about it."""
-
-    def __init__(self, problem: str, fix: str):
-        super().__init__(f"{problem}; fix: {fix}")
-        self.problem = problem
-        self.fix = fix
+class ImageInputError(InvalidInput):
+    """An input image we cannot use: `message` says what is wrong, `hint` what the user can do about it."""
 
 
 def load_image(data: bytes | str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:

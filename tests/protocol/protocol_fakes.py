@@ -12,7 +12,7 @@ import numpy as np
 import zmq
 
 from protocol import (DEFAULT_LIMITS, Accepted, Cancel, Cancelled, Error, ErrorCode, Fetch, Hello, Info, Limits,
-                      Message, ModelStatus, Ping, Pong, ProtocolError, Progress, Result, Submit, configure_socket,
+                      Message, ModelStatus, Ping, Pong, ProtocolError, Progress, Result, Generate, Reprocess, SETTINGS, Texture, configure_socket,
                       decode, encode, join_envelope, split_envelope)
 
 
@@ -35,11 +35,12 @@ def sample_messages() -> list[Message]:
         Hello("blender", "4.2.0"),
         Info("trellis2-backend", "0.1.0", "microsoft/TRELLIS.2-4B", ModelStatus.READY, "cuda:0 NVIDIA H100", 3,
              gpu_memory_free=40 << 30, gpu_memory_total=80 << 30, capabilities=["texture", "cancel"],
-             limits=Limits(max_image_bytes=1 << 20), details={"torch": "2.13", "cuda": [12, 8]}),
+             limits=Limits(max_image_bytes=1 << 20), details={"torch": "2.13", "cuda": [12, 8]},
+             settings=SETTINGS.to_wire()),
         Info("b", "0", "m", ModelStatus.LOADING, "cpu", 0),
-        Submit(png_bytes(), {"seed": 42, "steps": 12, "cfg": 7.5, "name": "chair", "flags": [True, None],
+        Generate(png_bytes(), {"seed": 42, "steps": 12, "cfg": 7.5, "name": "chair", "flags": [True, None],
                              "sub": {"deep": {"x": -1}}}, "client-1"),
-        Submit(png_bytes(3, 2, 1)),
+        Generate(png_bytes(3, 2, 1)),
         Accepted("job-1", 0, "client-1"),
         Accepted("job.2", 5),
         Progress("job-1", "shape", 3, 12, 0.25, "sampling shape"),
@@ -56,6 +57,11 @@ def sample_messages() -> list[Message]:
         Fetch("job-1"),
         Ping(7),
         Pong(7),
+        Reprocess("job-1", {"faces": 20_000}, "client-2"),
+        Reprocess("job-1"),
+        Texture(png_bytes(), {"positions": rng.random((4, 3), dtype=np.float32),
+                              "indices": np.array([[0, 1, 2], [0, 2, 3]], dtype=np.uint32),
+                              "uvs": rng.random((6, 2), dtype=np.float32)}, {"seed": 1}, "client-3"),
     ]
 
 
@@ -141,7 +147,7 @@ def standard_handler(msg: Message) -> list[Message]:
     """A well-behaved backend: one job id per submit, progress, cancel and fetch answered."""
     if isinstance(msg, Hello):
         return [info_for()]
-    if isinstance(msg, Submit):
+    if isinstance(msg, Generate):
         return [Accepted("job-1", 0, msg.client_job_id), Progress("job-1", "shape", 1, 2, 0.5)]
     if isinstance(msg, Cancel):
         return [Cancelled(msg.job_id)]

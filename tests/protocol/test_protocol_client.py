@@ -12,7 +12,7 @@ import zmq
 
 from protocol import (Accepted, BackendUnreachable, Cancel, Cancelled, Client, DeadlineExceeded, Error, ErrorCode,
                       Fetch, Hello, JobCancelled, LimitExceeded, Limits, ModelStatus, Progress,
-                      ProtocolVersionError, RemoteError, Result, Submit, decode, split_envelope)
+                      PROTOCOL_VERSION, ProtocolVersionError, RemoteError, Result, Generate, decode, split_envelope)
 from protocol_fakes import info_for, png_bytes, standard_handler
 
 FAST = {"heartbeat_interval": 0.1, "dead_after": 0.6, "timeout": 3.0}
@@ -42,7 +42,7 @@ def test_oversized_frames_are_refused_by_the_clients_socket(make_server):
 def test_submit_events_cancel_flow(make_server):
     server = make_server()
     with Client(server.address, **FAST) as client:
-        job_id = client.submit(png_bytes(), {"seed": 3}, client_job_id="mine-1")
+        job_id = client.submit(Generate(png_bytes(), {"seed": 3}, "mine-1"))
         assert job_id == "job-1"
         seen = []
         for msg in client.events(job_id, timeout=5):
@@ -51,14 +51,14 @@ def test_submit_events_cancel_flow(make_server):
                 client.cancel(job_id)
     assert [type(m) for m in seen] == [Accepted, Progress, Cancelled]
     assert seen[0].client_job_id == "mine-1"
-    submit = next(m for m in server.received if isinstance(m, Submit))
+    submit = next(m for m in server.received if isinstance(m, Generate))
     assert submit.settings == {"seed": 3} and submit.client_job_id == "mine-1"
     assert Cancel("job-1") in server.received
 
 
 def test_generate_returns_the_result_and_reports_progress(make_server):
     def handler(msg):
-        if isinstance(msg, Submit):
+        if isinstance(msg, Generate):
             return [Accepted("j7", 1, msg.client_job_id), Progress("j7", "shape", 1, 1, 0.5),
                     Result("j7", mesh={"positions": np.zeros((3, 3), np.float32)}, metadata={"ok": True})]
         return []
@@ -79,7 +79,7 @@ def test_generate_returns_the_result_and_reports_progress(make_server):
     (lambda m: [Accepted("j", 0, m.client_job_id), Cancelled("j")], JobCancelled, ErrorCode.CANCELLED),
 ])
 def test_generate_raises_for_refusals_failures_and_cancellation(make_server, reply, error, code):
-    server = make_server(lambda m: reply(m) if isinstance(m, Submit) else [])
+    server = make_server(lambda m: reply(m) if isinstance(m, Generate) else [])
     with Client(server.address, **FAST) as client, pytest.raises(error) as info:
         client.generate(png_bytes())
     assert info.value.code is code and info.value.hint
@@ -89,14 +89,14 @@ def test_events_of_several_jobs_are_kept_apart(make_server):
     counter = iter(range(100))
 
     def handler(msg):
-        if isinstance(msg, Submit):
+        if isinstance(msg, Generate):
             job = f"job-{next(counter)}"
             return [Accepted(job, 0, msg.client_job_id), Progress(job, "s", 1, 2, 0.5), Cancelled(job)]
         return []
 
     server = make_server(handler)
     with Client(server.address, **FAST) as client:
-        first, second = client.submit(png_bytes()), client.submit(png_bytes())
+        first, second = client.submit(Generate(png_bytes())), client.submit(Generate(png_bytes()))
         time.sleep(0.2)  # both jobs' events are now waiting in the socket, interleaved
         assert [type(m) for m in client.events(second)] == [Accepted, Progress, Cancelled]
         assert [m.job_id for m in client.events(first)] == [first] * 3
@@ -109,7 +109,7 @@ def test_poll_event_never_blocks_and_delivers_everything(make_server):
         start = time.monotonic()
         assert client.poll_event(0) is None
         assert time.monotonic() - start < 0.05
-        job_id = client.submit(png_bytes())
+        job_id = client.submit(Generate(png_bytes()))
         got = []
         deadline = time.monotonic() + 2
         while len(got) < 2 and time.monotonic() < deadline:  # Blender-timer style polling
@@ -133,8 +133,8 @@ def test_client_obeys_the_servers_advertised_limits(make_server):
     with Client(server.address, **FAST) as client:
         client.hello()
         with pytest.raises(LimitExceeded, match="max_image_pixels"):
-            client.submit(png_bytes(64, 64, 3))
-    assert not any(isinstance(m, Submit) for m in server.received)
+            client.submit(Generate(png_bytes(64, 64, 3)))
+    assert not any(isinstance(m, Generate) for m in server.received)
 
 
 def test_dead_backend_is_detected_at_once(make_server):
@@ -154,7 +154,7 @@ def test_dead_backend_is_detected_at_once(make_server):
 def test_backend_dying_mid_job_is_detected_within_a_second(make_server, how):
     server = make_server()
     with Client(server.address, **FAST) as client:
-        job_id = client.submit(png_bytes())
+        job_id = client.submit(Generate(png_bytes()))
         if how == "killed":
             server.stop()
         else:
@@ -169,7 +169,7 @@ def test_backend_dying_mid_job_is_detected_within_a_second(make_server, how):
 def test_heartbeats_keep_a_slow_job_alive(make_server):
     server = make_server()
     with Client(server.address, **FAST) as client:
-        job_id = client.submit(png_bytes())
+        job_id = client.submit(Generate(png_bytes()))
         threading.Timer(1.5, server.push, [Cancelled(job_id)]).start()  # 2.5x dead_after later
         kinds = [type(m) for m in client.events(job_id, timeout=5)]
     assert kinds == [Accepted, Progress, Cancelled]
@@ -179,7 +179,7 @@ def test_heartbeats_keep_a_slow_job_alive(make_server):
 def test_alive_backend_that_never_finishes_hits_the_callers_deadline(make_server):
     server = make_server()
     with Client(server.address, **FAST) as client:
-        job_id = client.submit(png_bytes())
+        job_id = client.submit(Generate(png_bytes()))
         start = time.monotonic()
         with pytest.raises(DeadlineExceeded, match=job_id):
             list(client.events(job_id, timeout=0.8))
@@ -194,7 +194,7 @@ def test_server_speaking_another_version_gives_a_clear_error():
     def answer_from_the_future():
         if router.poll(3000):
             identity, *_ = router.recv_multipart()
-            header = {"v": 2, "type": "info", "body": {"layout": "changed"}, "frames": []}
+            header = {"v": PROTOCOL_VERSION + 1, "type": "info", "body": {"layout": "changed"}, "frames": []}
             router.send_multipart([identity, b"", msgpack.packb(header)])
 
     thread = threading.Thread(target=answer_from_the_future)
@@ -202,7 +202,7 @@ def test_server_speaking_another_version_gives_a_clear_error():
     try:
         with Client(f"tcp://127.0.0.1:{port}", **FAST) as client, pytest.raises(ProtocolVersionError) as info:
             client.hello()
-        assert (info.value.local_version, info.value.remote_version) == (1, 2)
+        assert (info.value.local_version, info.value.remote_version) == (PROTOCOL_VERSION, PROTOCOL_VERSION + 1)
     finally:
         thread.join()
         router.close(linger=0)
@@ -213,7 +213,7 @@ def test_server_answers_garbage_with_a_coded_error_the_client_raises(make_server
     dealer = zmq.Context.instance().socket(zmq.DEALER)
     try:
         dealer.connect(server.address)
-        dealer.send_multipart([b"", msgpack.packb({"v": 1, "type": "launch_missiles"})])
+        dealer.send_multipart([b"", msgpack.packb({"v": PROTOCOL_VERSION, "type": "launch_missiles"})])
         assert dealer.poll(2000)
         _, frames = split_envelope(dealer.recv_multipart())
         reply = decode(frames)

@@ -16,7 +16,7 @@ import zmq
 import protocol
 from protocol import (ALLOWED_DTYPES, MESSAGE_TYPES, PROTOCOL_VERSION, Error, ErrorCode, Info, InvalidArray,
                       InvalidImage, LimitExceeded, Limits, MalformedMessage, ModelStatus, Progress, ProtocolError,
-                      RemoteError, Result, Submit, configure_socket, decode, encode, join_envelope,
+                      RemoteError, Result, Generate, configure_socket, decode, encode, join_envelope,
                       split_envelope)
 from protocol_fakes import assert_same, png_bytes, sample_messages
 
@@ -90,13 +90,13 @@ def test_disallowed_dtypes_are_refused_when_building(dtype):
 
 
 def test_settings_are_normalised_and_validated():
-    msg = Submit(png_bytes(), {"t": (1, 2), "n": {"m": (True,)}})
+    msg = Generate(png_bytes(), {"t": (1, 2), "n": {"m": (True,)}})
     assert msg.settings == {"t": [1, 2], "n": {"m": [True]}}
     bad = [{"b": b"x"}, {"o": object()}, {1: 2}, {"f": math.nan}, {"f": math.inf}, {"i": 1 << 64},
            {"d": {"a": {"b": {"c": {"d": {"e": {"f": {"g": {"h": 1}}}}}}}}}]
     for settings in bad:
         with pytest.raises(MalformedMessage):
-            Submit(png_bytes(), settings)
+            Generate(png_bytes(), settings)
 
 
 @pytest.mark.parametrize("build", [
@@ -111,7 +111,7 @@ def test_settings_are_normalised_and_validated():
     lambda: Info("s", "1", "m", "sleeping", "cpu", 0),
     lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", -1),
     lambda: Error("no_such_code", "m"),
-    lambda: Submit("not bytes"),
+    lambda: Generate("not bytes"),
     lambda: Result("j", mesh={"bad name!": np.zeros(1)}),
     lambda: Result("j", mesh={"a": [1, 2]}),
 ])
@@ -137,12 +137,12 @@ def test_encode_checks_limits_before_sending():
 
 def test_submit_image_is_checked_on_both_sides():
     with pytest.raises(InvalidImage, match="png, jpeg, webp, bmp, tiff"):
-        encode(Submit(b"GIF89a" + bytes(20)))
+        encode(Generate(b"GIF89a" + bytes(20)))
     big = png_bytes(300, 200)
     with pytest.raises(LimitExceeded) as info:
-        encode(Submit(big), Limits(max_image_pixels=50_000))
+        encode(Generate(big), Limits(max_image_pixels=50_000))
     assert "300 x 200" in info.value.hint and info.value.value == 60_000
-    frames = encode(Submit(big))
+    frames = encode(Generate(big))
     with pytest.raises(LimitExceeded, match="max_image_bytes"):
         decode(frames, Limits(max_image_bytes=len(big) - 1))
 
@@ -173,7 +173,7 @@ def test_envelope_split_and_join():
 
 
 def test_configure_socket_sets_linger_and_role_specific_maxmsgsize():
-    limits = Limits(max_image_bytes=3 << 20, max_frame_bytes=100 << 20)
+    limits = Limits(max_image_bytes=3 << 20, max_mesh_bytes=2 << 20, max_frame_bytes=100 << 20)
     for role, expected in (("server", 3 << 20), ("client", 100 << 20)):
         sock = zmq.Context.instance().socket(zmq.DEALER)
         try:

@@ -10,13 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, InvalidArray, InvalidImage, LimitExceeded, Limits,
+from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, Generate, InvalidArray, InvalidImage, LimitExceeded, Limits,
                       MalformedMessage, ProtocolError, ProtocolVersionError, Result, decode, encode)
 from protocol_fakes import png_bytes, sample_messages
 
 SAMPLES = [encode(m) for m in sample_messages()]
 RESULT = sample_messages()[9]
-SUBMIT = sample_messages()[3]
+GENERATE = next(m for m in sample_messages() if isinstance(m, Generate))
 
 
 def header_of(frames: list) -> dict:
@@ -149,7 +149,7 @@ def test_bool_arrays_hold_only_zero_and_one():
 
 
 def test_image_frames_are_sniffed_and_required():
-    frames = encode(SUBMIT)
+    frames = encode(GENERATE)
     with pytest.raises(InvalidImage):
         decode([frames[0], b"not an image"])
     header = header_of(frames)
@@ -201,7 +201,7 @@ def test_deeply_nested_msgpack(depth):
     b"\xdd\x00\x01\x00\x00" + b"\xc0" * 65536,  # 65536 real entries, allowed by size but not by max_items
 ])
 def test_huge_declared_lengths_allocate_nothing(declared):
-    header = b"\x84\xa1v\x01\xa4type\xa4ping\xa4body\x81\xa3seq" + declared
+    header = b"\x84\xa1v" + bytes([PROTOCOL_VERSION]) + b"\xa4type\xa4ping\xa4body\x81\xa3seq" + declared
     with pytest.raises(MalformedMessage, match="msgpack"):
         decode([header], Limits(max_items=1000))
 

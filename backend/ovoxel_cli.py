@@ -17,6 +17,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from backend.asset.textured_mesh import AssetSettings, TexturedMesh
+from protocol import ProtocolError
+from protocol.settings import REPROCESS, SETTINGS
+from protocol.settings_cli import add_setting_arguments, given_settings
 
 if TYPE_CHECKING:
     from backend.ovoxel.encode import Material, SurfaceMesh
@@ -49,29 +52,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p = actions.add_parser("decode", help="O-Voxel .npz -> textured GLB (cleanup, simplify, UV unwrap, bake)")
     p.add_argument("ovoxel", type=Path, metavar="X.npz")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT.glb")
-    add_asset_arguments(p)
+    add_setting_arguments(p, REPROCESS, title="asset settings")
     p.add_argument("--device", default=None, help="torch device for post-processing (default: its own choice)")
     p.set_defaults(run=lambda args: _guarded(_decode, args))
 
 
-def add_asset_arguments(p: argparse.ArgumentParser) -> None:
-    """The AssetSettings options, shared by every command that writes a GLB."""
-    defaults = AssetSettings()
-    p.add_argument("--faces", type=int, default=defaults.faces, metavar="N",
-                   help=f"target triangle count (default {defaults.faces})")
-    p.add_argument("--texture-size", type=int, default=defaults.texture_size, metavar="T",
-                   help=f"texture side in pixels (default {defaults.texture_size})")
-    p.add_argument("--remesh", action="store_true", help="rebuild the surface by narrow-band dual contouring")
-    p.add_argument("--alpha-mode", choices=("AUTO", "OPAQUE", "MASK", "BLEND"), default=defaults.alpha_mode,
-                   help=f"material alpha mode (default {defaults.alpha_mode}: BLEND if any texel is transparent)")
-    p.add_argument("--alpha-cutoff", type=float, default=defaults.alpha_cutoff, metavar="C",
-                   help=f"MASK cutoff (default {defaults.alpha_cutoff})")
-
-
 def asset_settings(args: argparse.Namespace) -> AssetSettings:
-    """AssetSettings from the options `add_asset_arguments` added (raises ValueError naming a bad value)."""
-    return AssetSettings(faces=args.faces, texture_size=args.texture_size, remesh=args.remesh,
-                         alpha_mode=args.alpha_mode, alpha_cutoff=args.alpha_cutoff)
+    """AssetSettings from the settings flags a command added (`add_setting_arguments`); InvalidSettings names a bad
+    one."""
+    return AssetSettings.from_settings(SETTINGS.resolve(REPROCESS, given_settings(args, REPROCESS)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 def _guarded(command, args: argparse.Namespace) -> int:
     try:
         return command(args)
-    except (CliError, ValueError, OSError) as exc:
+    except (CliError, ValueError, OSError, ProtocolError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 

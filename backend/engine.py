@@ -1,0 +1,83 @@
+"""What jobs run on: the TRELLIS.2 pipeline and the asset step behind one small interface, loaded once.
+
+The server's worker knows jobs, not models: it gives an Engine flat settings (the settings schema's names, checked at
+submit) and the job's inputs, and gets back an O-Voxel or a textured mesh, reporting progress through the stages the
+engine plans for that job. Everything a user can act on comes out as a `backend.errors.JobFailure`; a raise from the
+progress callback (`StopRequested`) passes through unchanged. This module may import torch; the server imports it
+only when it starts the worker.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from functools import partial
+from typing import Any
+
+import torch
+
+from backend.asset.postprocess import asset_stages, build_textured_mesh
+from backend.asset.textured_mesh import AssetSettings, TexturedMesh
+from backend.errors import OutOfMemory
+from backend.ovoxel.ovoxel import OVoxel
+from backend.progress import ProgressCallback, Stage
+from backend.trellis2.pipeline import Trellis2Pipeline
+from protocol.settings import GENERATE, REPROCESS, DEFAULT_WEIGHTS, Schema
+
+log = logging.getLogger(__name__)
+
+AssetBuilder = Callable[[OVoxel, AssetSettings, ProgressCallback], TexturedMesh]
+CAPABILITIES = ("cancel", "fetch", "progress", GENERATE, REPROCESS)
+
+
+class Engine:
+    """One loaded pipeline and asset builder. Tests replace `build_asset` on an instance to hold or fail jobs."""
+
+    def __init__(self, pipeline: Trellis2Pipeline, build_asset: AssetBuilder, device: torch.device) -> None:
+        self.pipeline = pipeline
+        self._build = build_asset
+        self._device = device
+        self.schema: Schema = pipeline.schema  # the settings schema with this checkpoint's defaults
+        self.capabilities = CAPABILITIES
+
+    @property
+    def device(self) -> str:
+        """The device in words, for people: "cuda:0 NVIDIA H200", "cpu"."""
+        if self._device.type != "cuda":
+            return str(self._device)
+        index = self._device.index if self._device.index is not None else torch.cuda.current_device()
+        return f"cuda:{index} {torch.cuda.get_device_name(index)}"
+
+    def memory(self) -> tuple[int | None, int | None]:
+        """(free, total) GPU bytes, or (None, None) off the GPU."""
+        if self._device.type != "cuda":
+            return None, None
+        return torch.cuda.mem_get_info(self._device)
+
+    def plan(self, kind: str, settings: Mapping[str, Any]) -> tuple[Stage, ...]:
+        """The stages a job of `kind` with these resolved settings reports, in order."""
+        asset = asset_stages(AssetSettings.from_settings(settings))
+        if kind == REPROCESS:
+            return asset
+        return (*self.pipeline.stages(self.pipeline.settings(settings)), *asset)
+
+    def generate(self, image: bytes, settings: Mapping[str, Any], progress: ProgressCallback) -> OVoxel:
+        return self.pipeline.run(image, self.pipeline.settings(settings), progress)
+
+    def build_asset(self, ovoxel: OVoxel, settings: Mapping[str, Any], progress: ProgressCallback) -> TexturedMesh:
+        try:
+            return self._build(ovoxel, AssetSettings.from_settings(settings), progress)
+        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            raise OutOfMemory(f"out of memory while building the mesh and textures: {str(exc).splitlines()[0]}",
+                              "ask for fewer faces or a smaller texture_size, or re-process the job on a machine "
+                              "with more memory") from exc
+
+
+def load_engine(weights: str | None, device: str | None = None, memory: str = "auto",
+                build_asset: AssetBuilder | None = None) -> Engine:
+    """The real engine: TRELLIS.2 from `weights` and, unless given, backend.asset.postprocess for the asset."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    pipeline = Trellis2Pipeline.from_pretrained(weights or DEFAULT_WEIGHTS, device=dev, memory=memory)
+    return Engine(pipeline, build_asset or partial(build_textured_mesh, device=dev), dev)

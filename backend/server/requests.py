@@ -1,0 +1,30 @@
+"""What the server keeps of an accepted request: its kind, its settings as sent (checked against the settings
+schema), and for a reprocess the job whose O-Voxel it rebuilds."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from protocol import Reprocess, Request, Schema
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    kind: str  # protocol.settings.REQUESTS
+    settings: dict[str, Any]  # only what the client gave; defaults are filled in when the job runs
+    source_job_id: str | None = None
+
+    @classmethod
+    def of(cls, request: Request, schema: Schema) -> JobSpec:
+        """The spec of a request; raises protocol.InvalidSettings naming the first bad setting."""
+        source = request.source_job_id if isinstance(request, Reprocess) else None
+        return cls(request.KIND, schema.check(request.KIND, request.settings), source)
+
+
+def spec_metadata(spec: JobSpec, resolved: dict[str, Any]) -> dict[str, Any]:
+    """What a result records about how it was made: the request and every setting it ran with."""
+    meta: dict[str, Any] = {"request": spec.kind, "settings": resolved}
+    if spec.source_job_id is not None:
+        meta["reprocessed_from"] = spec.source_job_id
+    return meta
