@@ -48,6 +48,9 @@ class Engine:
         index = self._device.index if self._device.index is not None else torch.cuda.current_device()
         return f"cuda:{index} {torch.cuda.get_device_name(index)}"
 
+    def versions(self) -> dict[str, str | None]:
+        return {"torch": str(torch.__version__), "cuda": torch.version.cuda}
+
     def memory(self) -> tuple[int | None, int | None]:
         """(free, total) GPU bytes, or (None, None) off the GPU."""
         if self._device.type != "cuda":

@@ -27,7 +27,7 @@ class Limits:
     max_header_bytes: int = 1 * MiB  # the msgpack header frame
     max_items: int = 100_000  # entries of any one list or map inside the header
     max_image_bytes: int = 64 * MiB  # encoded image file in a request
-    max_mesh_bytes: int = 256 * MiB  # the mesh arrays of a texture request, all together
+    max_mesh_bytes: int = 64 * MiB  # the mesh arrays of a texture request, all together (~1.5M faces)
     max_image_pixels: int = 8192 * 8192  # width * height declared by the image file's header
     max_arrays: int = 64  # binary frames (arrays, image) in one message
     max_array_elements: int = 1 << 28  # elements of one array

@@ -90,7 +90,9 @@ class Setting:
         if self.choices:
             return "one of " + ", ".join(str(c.value) for c in self.choices)
         if self.minimum is not None and self.maximum is not None:
-            return f"{'an integer' if self.kind == 'int' else 'a number'} in [{self.minimum:g}, {self.maximum:g}]"
+            if self.kind == "int":
+                return f"an integer in [{int(self.minimum)}, {int(self.maximum)}]"
+            return f"a number in [{self.minimum:g}, {self.maximum:g}]"
         return {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string"}[self.kind]
 
     def to_wire(self) -> dict[str, Any]:

@@ -16,21 +16,23 @@ from typing import Any, Literal
 
 import numpy as np
 
+from protocol.settings import SETTINGS
+
 AlphaMode = Literal["AUTO", "OPAQUE", "MASK", "BLEND"]
 
 
 @dataclass(frozen=True)
 class AssetSettings:
-    """How an O-Voxel becomes a textured mesh. Values, defaults and their ranges are the settings schema's
-    (protocol/settings.py), which validates them; this is their typed form for the asset code."""
+    """How an O-Voxel becomes a textured mesh: the typed form of the asset settings. Their defaults and ranges are
+    the settings schema's (protocol/settings.py), which validates every value that comes from a user."""
 
-    faces: int  # target triangle count after simplification
-    texture_size: int
-    remesh: bool
-    remesh_band: float
-    alpha_mode: AlphaMode  # AUTO: BLEND when any texel is transparent, else OPAQUE
-    alpha_cutoff: float  # for MASK
-    fill_hole_perimeter: float  # holes with a shorter boundary are closed (world units)
+    faces: int = SETTINGS["faces"].default  # target triangle count after simplification
+    texture_size: int = SETTINGS["texture_size"].default
+    remesh: bool = SETTINGS["remesh"].default
+    remesh_band: float = SETTINGS["remesh_band"].default
+    alpha_mode: AlphaMode = SETTINGS["alpha_mode"].default  # AUTO: BLEND when any texel is transparent, else OPAQUE
+    alpha_cutoff: float = SETTINGS["alpha_cutoff"].default  # for MASK
+    fill_hole_perimeter: float = SETTINGS["fill_hole_perimeter"].default  # holes with a shorter boundary close
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> AssetSettings:

@@ -279,7 +279,7 @@ class Server:
 
     def _info(self) -> Info:
         free, total = self.worker.gpu_memory
-        details = {**self._versions, "model_error": self.worker.load_error or None, "store_jobs": len(self.store),
+        details = {**self._versions, **self.worker.versions, "model_error": self.worker.load_error or None, "store_jobs": len(self.store),
                    "store_bytes": self.store.total_bytes(), "curve": self.secure}
         return Info(SERVER_NAME, backend.__version__, self.model_name, self.worker.status, self.worker.device,
                     self.worker.queue_length(), free, total, list(self.worker.capabilities), self.config.limits,

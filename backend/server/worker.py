@@ -108,6 +108,12 @@ class Worker:
         engine = self._engine
         return engine.capabilities if engine is not None else ()
 
+    @property
+    def versions(self) -> dict[str, str | None]:
+        """The engine's library versions (torch, CUDA) for `info`, once loaded."""
+        engine = self._engine
+        return engine.versions() if engine is not None else {}
+
     def start(self) -> None:
         self._thread.start()
 

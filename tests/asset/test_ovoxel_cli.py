@@ -12,7 +12,7 @@ from PIL import Image
 from trimesh.visual import TextureVisuals
 from trimesh.visual.material import PBRMaterial
 
-from backend.asset import cli
+from backend import ovoxel_cli as cli
 from backend.asset.glb import read_glb
 from backend.ovoxel.ovoxel import OVoxel
 from backend.asset.textured_mesh import TexturedMesh
@@ -80,7 +80,7 @@ def test_texture_option_replaces_the_base_colour(tmp_path) -> None:
     (["decode", "{d}/missing.npz", "-o", "{d}/x.glb"], "no such O-Voxel"),
     (["decode", "{d}/notes.obj", "-o", "{d}/x.glb"], "not a valid O-Voxel"),
     (["decode", "{d}/box.stl", "-o", "{d}/x.npz"], ".glb"),
-    (["decode", "{d}/notes.obj", "-o", "{d}/x.glb", "--texture-size", "300"], "texture_size"),
+    (["decode", "{d}/notes.obj", "-o", "{d}/x.glb", "--faces", "10"], "faces"),
 ])
 def test_bad_inputs_give_one_line_errors(tmp_path, capsys, args: list[str], message: str) -> None:
     trimesh.creation.box((0.2, 0.3, 0.4)).export(tmp_path / "box.stl")

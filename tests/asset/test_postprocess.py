@@ -12,7 +12,7 @@ from test_mesh_repair import directed_edges_agree, signed_volume
 
 from backend.asset.meshutil import edges_of
 from backend.ovoxel.ovoxel import OVoxel
-from backend.asset.postprocess import STAGES, build_textured_mesh, reference_surface
+from backend.asset.postprocess import asset_stages, build_textured_mesh, reference_surface
 from backend.asset.remesh import remesh_narrow_band
 from backend.asset.textured_mesh import AssetSettings
 
@@ -33,12 +33,12 @@ def texel_lookup(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
 def test_build_matches_the_source_colours(ovoxel: OVoxel) -> None:
     stages: list[str] = []
     start = time.perf_counter()
-    mesh = build_textured_mesh(ovoxel, AssetSettings(faces=8000, texture_size=512), device="cpu",
-                               progress=lambda stage, step, total: stages.append(stage))
+    settings = AssetSettings(faces=8000, texture_size=512)
+    mesh = build_textured_mesh(ovoxel, settings, device="cpu", progress=lambda stage, step, total: stages.append(stage))
     elapsed = time.perf_counter() - start
     print(f"{ovoxel.faces.shape[0]} -> {mesh.indices.shape[0]} faces in {elapsed:.2f} s: {mesh.metadata}")
     assert elapsed < 30  # a few seconds on a free 2-core machine
-    assert [s for s in dict.fromkeys(stages)] == [s for s in STAGES if s != "remesh"]
+    assert list(dict.fromkeys(stages)) == [s.name for s in asset_stages(settings)]
     assert 0.97 * 8000 <= mesh.indices.shape[0] <= 8000
     assert mesh.positions.dtype == np.float32 and mesh.indices.dtype == np.int32
     assert np.allclose(np.linalg.norm(mesh.normals, axis=1), 1, atol=1e-4)

@@ -9,18 +9,20 @@ import pytest
 import torch
 from PIL import Image
 
+from backend.errors import JobFailure, OutOfMemory, UnsupportedSetting
 from backend.ovoxel.ovoxel import OVoxel
+from backend.progress import StopRequested
 from backend.trellis2 import pipeline as pipeline_module
 from backend.trellis2.pipeline import (
     PIPELINE_TYPES,
     GenerationSettings,
-    JobCancelled,
     ModelStore,
-    PipelineError,
     Trellis2Pipeline,
     choose_offload,
 )
 from backend.trellis2.stages import seeded_noise
+from protocol import InvalidSettings
+from protocol.settings import PIPELINE_TYPES as SCHEMA_PIPELINE_TYPES
 
 
 @pytest.fixture(scope="module")
@@ -35,14 +37,16 @@ def image() -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
-def _fast(**extra) -> GenerationSettings:
-    steps = {"steps": 3}
-    return GenerationSettings(sparse_structure_sampler=steps, shape_sampler=steps, texture_sampler=steps, **extra)
+FAST = {"sparse_structure_steps": 3, "shape_steps": 3, "texture_steps": 3}
+
+
+def _fast(pipe: Trellis2Pipeline, **extra) -> GenerationSettings:
+    return pipe.settings({**FAST, **extra})
 
 
 @pytest.mark.parametrize("pipeline_type", sorted(PIPELINE_TYPES))
 def test_every_pipeline_type_produces_a_valid_ovoxel(pipe, image, pipeline_type) -> None:
-    result = pipe.run(image, _fast(pipeline_type=pipeline_type))
+    result = pipe.run(image, _fast(pipe, pipeline_type=pipeline_type))
     assert isinstance(result, OVoxel)
     assert result.coords.shape[0] > 0 and result.attrs.shape == (result.coords.shape[0], 6)
     assert np.isfinite(result.attrs).all() and np.isfinite(result.vertices).all()
@@ -56,9 +60,9 @@ def test_every_pipeline_type_produces_a_valid_ovoxel(pipe, image, pipeline_type)
 
 
 def test_seed_reproduces_and_different_seeds_differ(pipe, image) -> None:
-    a = pipe.run(image, _fast(seed=7))
-    b = pipe.run(image, _fast(seed=7))
-    c = pipe.run(image, _fast(seed=8))
+    a = pipe.run(image, _fast(pipe, seed=7))
+    b = pipe.run(image, _fast(pipe, seed=7))
+    c = pipe.run(image, _fast(pipe, seed=8))
     assert np.array_equal(a.coords, b.coords) and np.array_equal(a.attrs, b.attrs)
     assert not (a.coords.shape == c.coords.shape and np.array_equal(a.attrs, c.attrs))
 
@@ -73,9 +77,10 @@ def test_seeded_noise_matches_the_reference_global_generator_order() -> None:
 
 def test_progress_reports_every_stage_in_order_with_step_counts(pipe, image) -> None:
     events: list[tuple[str, int, int]] = []
-    pipe.run(image, GenerationSettings(shape_sampler={"steps": 4}, sparse_structure_sampler={"steps": 2},
-                                       texture_sampler={"steps": 3}), lambda *e: events.append(e))
+    settings = pipe.settings({"shape_steps": 4, "sparse_structure_steps": 2, "texture_steps": 3})
+    pipe.run(image, settings, lambda *e: events.append(e))
     stages = list(dict.fromkeys(stage for stage, _, _ in events))
+    assert stages == [s.name for s in pipe.stages(settings)]
     assert stages == ["preprocess", "condition", "sparse_structure", "shape_lr", "upsample", "shape_hr", "texture",
                       "decode"]
     totals = {stage: total for stage, _, total in events}
@@ -91,12 +96,12 @@ def test_cancel_between_steps_stops_the_job_and_the_pipeline_stays_usable(pipe, 
     def cancel_in_shape(stage: str, step: int, total: int) -> None:
         seen.append(stage)
         if stage == "shape_hr" and step == 1:
-            raise JobCancelled()
+            raise StopRequested()
 
-    with pytest.raises(JobCancelled):
-        pipe.run(image, _fast(), cancel_in_shape)
+    with pytest.raises(StopRequested):
+        pipe.run(image, _fast(pipe), cancel_in_shape)
     assert "texture" not in seen
-    assert pipe.run(image, _fast()).coords.shape[0] > 0
+    assert pipe.run(image, _fast(pipe)).coords.shape[0] > 0
 
 
 def test_out_of_memory_becomes_a_clear_error_and_the_pipeline_stays_usable(pipe, image, monkeypatch) -> None:
@@ -105,16 +110,16 @@ def test_out_of_memory_becomes_a_clear_error_and_the_pipeline_stays_usable(pipe,
 
     with monkeypatch.context() as m:
         m.setattr(pipeline_module, "sample_texture_slat", oom)
-        with pytest.raises(PipelineError) as info:
-            pipe.run(image, _fast())
+        with pytest.raises(OutOfMemory) as info:
+            pipe.run(image, _fast(pipe))
     assert info.value.code == "out_of_memory" and "offload" in info.value.hint
-    assert pipe.run(image, _fast()).coords.shape[0] > 0
+    assert pipe.run(image, _fast(pipe)).coords.shape[0] > 0
 
 
 def test_image_without_alpha_goes_through_background_removal(pipe) -> None:
     rgb = np.full((90, 90, 3), 40, np.uint8)
     rgb[30:60, 30:60] = (70, 200, 130)
-    result = pipe.run(Image.fromarray(rgb, "RGB"), _fast(pipeline_type="512"))
+    result = pipe.run(Image.fromarray(rgb, "RGB"), _fast(pipe, pipeline_type="512"))
     assert result.coords.shape[0] > 0
 
 
@@ -122,16 +127,32 @@ def test_image_without_alpha_goes_through_background_removal(pipe) -> None:
     "raw, fragment",
     [
         ({"pipeline_type": "2048"}, "pipeline_type"),
-        ({"seed": -1}, "seed"),
-        ({"shape_sampler": {"stepz": 3}}, "stepz"),
-        ({"texture_sampler": {"guidance_interval": [0.9, 0.1]}}, "guidance_interval"),
-        ({"colour": "red"}, "colour"),
-        ({"preprocess": "yes"}, "preprocess"),
+        ({"seed": True}, "seed"),
+        ({"shape_stepz": 3}, "shape_stepz"),
+        ({"texture_guidance_interval_start": 0.95, "texture_guidance_interval_end": 0.1}, "guidance_interval"),
+        ({"remove_background": "yes"}, "remove_background"),
     ],
 )
-def test_bad_settings_are_rejected_with_the_field_named(raw, fragment) -> None:
-    with pytest.raises(ValueError, match=fragment):
-        GenerationSettings.from_dict(raw)
+def test_bad_settings_are_rejected_with_the_field_named(pipe, raw, fragment) -> None:
+    with pytest.raises(InvalidSettings, match=fragment):
+        pipe.settings(raw)
+
+
+def test_settings_take_the_checkpoints_defaults(pipe) -> None:
+    settings = pipe.settings({})
+    assert settings.pipeline_type == "1024_cascade"
+    assert settings.samplers["texture"].guidance_interval == (0.6, 0.9)
+    assert pipe.schema["shape_rescale_t"].default == settings.samplers["shape"].rescale_t
+
+
+def test_the_schema_lists_exactly_the_pipeline_types_the_pipeline_runs() -> None:
+    assert tuple(PIPELINE_TYPES) == SCHEMA_PIPELINE_TYPES
+
+
+def test_a_pipeline_type_the_checkpoint_lacks_is_refused_clearly(tiny_checkpoint, image) -> None:
+    only_512 = Trellis2Pipeline.from_pretrained(str(tiny_checkpoint), device="cpu", pipeline_types=("512",))
+    with pytest.raises(UnsupportedSetting, match="1024_cascade"):
+        only_512.run(image, _fast(only_512, pipeline_type="1024_cascade"))
 
 
 def test_memory_mode_choice(monkeypatch) -> None:
@@ -165,15 +186,23 @@ def test_a_missing_background_model_fails_only_the_jobs_that_need_it(tiny_checkp
 
     pipe = Trellis2Pipeline.from_pretrained(str(tiny_checkpoint), device="cpu",
                                             remover=LazyRemover("/nonexistent/matte.onnx"))
-    assert pipe.run(image, _fast()).coords.shape[0] > 0  # RGBA input: no background removal needed
+    assert pipe.run(image, _fast(pipe)).coords.shape[0] > 0  # RGBA input: no background removal needed
     with pytest.raises(BackgroundModelError, match="/nonexistent/matte.onnx"):
-        pipe.run(image.convert("RGB"), _fast())
+        pipe.run(image.convert("RGB"), _fast(pipe))
 
 
 def test_the_ovoxel_carries_a_dual_grid_that_rebuilds_the_decoded_mesh(pipe, image) -> None:
     from backend.ovoxel.encode import decode_dual_grid
 
-    result = pipe.run(image, _fast(seed=5))
+    result = pipe.run(image, _fast(pipe, seed=5))
     vertices, faces = decode_dual_grid(result)
     assert np.array_equal(faces, result.faces)
     assert np.allclose(vertices, result.vertices, atol=1e-6)
+
+
+def test_no_object_found_is_a_job_failure_that_names_what_to_try(pipe, image, monkeypatch) -> None:
+    monkeypatch.setattr(pipeline_module, "sample_sparse_structure",
+                        lambda *args, **kwargs: torch.zeros((0, 4), dtype=torch.int32))
+    with pytest.raises(JobFailure) as info:
+        pipe.run(image, _fast(pipe))
+    assert info.value.code == "job_failed" and "seed" in info.value.hint

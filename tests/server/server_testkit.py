@@ -16,7 +16,8 @@ import numpy as np
 import zmq
 from PIL import Image
 
-from backend.server.worker import Engine, load_engine
+from backend.asset.postprocess import build_textured_mesh
+from backend.engine import Engine, load_engine
 from protocol import Client, Message, Progress, decode, encode, split_envelope
 
 FAST_ASSET = {"faces": 1000, "texture_size": 256}  # keeps the real asset step at a fraction of a second
@@ -35,8 +36,7 @@ class Controls:
 
 
 def controlled_engine(weights: Path, controls: Controls) -> Engine:
-    engine = load_engine(str(weights), "cpu")
-    real = engine.build_asset
+    """The real engine, whose asset builder first raises the pending fault or waits at the gate."""
 
     def build_asset(ovoxel, settings, progress):
         fault, controls.fault = controls.fault, None
@@ -44,10 +44,9 @@ def controlled_engine(weights: Path, controls: Controls) -> Engine:
             raise fault
         while not controls.gate.wait(0.01):
             progress(HELD_STAGE, 0, 0)
-        return real(ovoxel, settings, progress)
+        return build_textured_mesh(ovoxel, settings, progress, device="cpu")
 
-    engine.build_asset = build_asset
-    return engine
+    return load_engine(str(weights), "cpu", build_asset=build_asset)
 
 
 def png(seed: int = 0, size: int = 64) -> bytes:

@@ -11,7 +11,7 @@ import zmq
 from backend.server.auth import SecurityError, is_local, make_keys, register
 from backend.server.auth import client_keys as load_client_keys
 from backend.server.server import Server, ServerConfig, serve_command
-from protocol import BackendUnreachable, ErrorCode, ModelStatus, RemoteError
+from protocol import BackendUnreachable, ErrorCode, Generate, ModelStatus, RemoteError
 from server_testkit import connect, png, wait_until
 
 
@@ -42,7 +42,7 @@ def test_curve_lets_in_only_authorised_clients(secure_server):
         wait_until(lambda: client.info(refresh=True).model_status == ModelStatus.FAILED, 30, "the load to fail")
         assert "no models" in client.info().details["model_error"]
         with pytest.raises(RemoteError) as refused:  # failed models: a clear refusal, not a hang
-            client.submit(png(), {})
+            client.submit(Generate(png()))
         assert refused.value.code == ErrorCode.MODEL_NOT_READY and "no models" in refused.value.message
 
     stranger = {"curve_server_key": allowed["curve_server_key"], "curve_client_keys": zmq.curve_keypair()}

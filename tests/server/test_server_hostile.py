@@ -16,7 +16,7 @@ def header(kind: str, body: dict, v: int = PROTOCOL_VERSION, frames: list | None
     return msgpack.packb({"v": v, "type": kind, "body": body, "frames": frames or []})
 
 
-SUBMIT_BODY = {"settings": {}, "client_job_id": None}
+GENERATE_BODY = {"settings": {}, "client_job_id": None}
 IMAGE_FRAME = [{"frame": 1, "field": "image"}]
 
 
@@ -41,9 +41,9 @@ def assert_alive(peer: RawPeer) -> None:
     ([b"", header("ping", {"seq": 1, "extra": 2})], ErrorCode.MALFORMED_MESSAGE),
     ([b"", header("pong", {"seq": 1})], ErrorCode.MALFORMED_MESSAGE),  # a server's message, from a client
     ([b"", header("result", {"job_id": "x", "metadata": {}})], ErrorCode.MALFORMED_MESSAGE),
-    ([b"", header("submit", SUBMIT_BODY, frames=IMAGE_FRAME), b"not an image at all"], ErrorCode.INVALID_IMAGE),
-    ([b"", header("submit", SUBMIT_BODY, frames=IMAGE_FRAME)], ErrorCode.MALFORMED_MESSAGE),  # frame missing
-    ([b"", header("submit", {"settings": {"a": [[[[[[[[[1]]]]]]]]]}, "client_job_id": None}, frames=IMAGE_FRAME),
+    ([b"", header("generate", GENERATE_BODY, frames=IMAGE_FRAME), b"not an image at all"], ErrorCode.INVALID_IMAGE),
+    ([b"", header("generate", GENERATE_BODY, frames=IMAGE_FRAME)], ErrorCode.MALFORMED_MESSAGE),  # frame missing
+    ([b"", header("generate", {"settings": {"a": [[[[[[[[[1]]]]]]]]]}, "client_job_id": None}, frames=IMAGE_FRAME),
       png()], ErrorCode.MALFORMED_MESSAGE),  # nested too deep
     ([b"", header("fetch", {"job_id": "../../etc/passwd"})], ErrorCode.MALFORMED_MESSAGE),
     ([b"", header("ping", {"seq": 1}, v=99)], ErrorCode.VERSION_MISMATCH),
@@ -66,7 +66,7 @@ def test_wrong_protocol_version_names_both_versions(peer):
 
 def test_an_oversized_frame_costs_only_that_connection(server, peer):
     too_big = server.config.limits.max_image_bytes + 1  # beyond the server socket's MAXMSGSIZE
-    peer.send_frames([b"", header("submit", SUBMIT_BODY, frames=IMAGE_FRAME), bytes(too_big)])
+    peer.send_frames([b"", header("generate", GENERATE_BODY, frames=IMAGE_FRAME), bytes(too_big)])
     assert peer.recv(timeout=1.0) is None, "libzmq drops such a peer without reading the frame"
     with connect(server.endpoint) as client:
         assert isinstance(client.hello(), Info)

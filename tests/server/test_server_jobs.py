@@ -10,14 +10,14 @@ import pytest
 import torch
 
 import backend
-from backend.server.worker import GENERATION_SPANS
-from backend.trellis2.pipeline import PipelineError
-from protocol import (PROTOCOL_VERSION, Accepted, Cancelled, Error, ErrorCode, Fetch, Limits, ModelStatus, Ping, Pong,
-                      Progress, RemoteError, Result)
+from backend.errors import JobFailure
+from backend.trellis2.pipeline import PIPELINE_TYPES
+from protocol import (PROTOCOL_VERSION, Accepted, Cancelled, Error, ErrorCode, Fetch, Generate, Limits,
+                      MalformedMessage, ModelStatus, Ping, Pong, Progress, RemoteError, Reprocess, Result, Schema)
 from server_testkit import (FAST_ASSET, HELD_STAGE, RawPeer, connect, corrupt_png, last, png, wait_for_stage,
                             wait_until)
 
-SETTINGS = {"seed": 1, "asset": FAST_ASSET}
+SETTINGS = {"seed": 1, **FAST_ASSET}
 
 
 def test_info_reports_versions_device_model_and_queue(server):
@@ -33,7 +33,7 @@ def test_info_reports_versions_device_model_and_queue(server):
 def test_job_life_accepted_progress_result(server):
     with connect(server.endpoint) as client:
         client.hello()
-        job_id = client.submit(png(), SETTINGS, client_job_id="mine-1")
+        job_id = client.submit(Generate(png(), SETTINGS, "mine-1"))
         accepted, *progress, result = list(client.events(job_id, timeout=60))
     assert accepted == Accepted(job_id, 0, "mine-1")
     assert progress and all(isinstance(m, Progress) and m.job_id == job_id for m in progress)
@@ -49,7 +49,7 @@ def test_job_life_accepted_progress_result(server):
     assert mesh["normals"].shape == (n, 3) and mesh["uvs"].shape == (n, 2)
     assert tex["base_color"].shape == (256, 256, 4) and tex["metallic_roughness"].shape == (256, 256, 3)
     assert meta["alpha_mode"] in ("OPAQUE", "MASK", "BLEND") and isinstance(meta["double_sided"], bool)
-    assert meta["generation_settings"]["seed"] == 1 and meta["face_count"] == len(mesh["indices"])
+    assert meta["settings"]["seed"] == 1 and meta["face_count"] == len(mesh["indices"])
     assert meta["timings"]["total"] >= meta["timings"]["sparse_structure"] > 0
 
 
@@ -62,7 +62,7 @@ def test_many_clients_at_once_get_their_own_results(server):
         try:
             with connect(server.endpoint) as client:
                 client.hello()
-                mine = {client.submit(png(), {"seed": s, "asset": FAST_ASSET}, client_job_id=f"c{k}-{i}"): s
+                mine = {client.submit(Generate(png(), {"seed": s, **FAST_ASSET}, f"c{k}-{i}")): s
                         for i, s in enumerate(seeds[k])}
                 seen, ended = [], {}
                 deadline = time.monotonic() + 120
@@ -90,7 +90,7 @@ def test_many_clients_at_once_get_their_own_results(server):
             assert [m.TYPE for m in seen if m.job_id == job_id][0] == "accepted"
             assert sum(m.TERMINAL for m in seen if m.job_id == job_id) == 1
             result = ended[job_id]
-            assert isinstance(result, Result) and result.metadata["generation_settings"]["seed"] == seed
+            assert isinstance(result, Result) and result.metadata["settings"]["seed"] == seed
             by_seed.setdefault(seed, []).append(result.mesh["positions"])
     for seed, meshes in by_seed.items():
         assert all(np.array_equal(m, meshes[0]) for m in meshes), f"seed {seed} gave different meshes"
@@ -101,9 +101,9 @@ def test_cancel_queued_at_once_and_running_at_next_step(server, controls):
     controls.gate.clear()
     with connect(server.endpoint) as client:
         client.hello()
-        running = client.submit(png(), SETTINGS)
+        running = client.submit(Generate(png(), SETTINGS))
         wait_for_stage(client, running, HELD_STAGE)
-        queued = client.submit(png(), SETTINGS)
+        queued = client.submit(Generate(png(), SETTINGS))
         client.cancel(queued)
         queued_events = list(client.events(queued, timeout=10))  # while the running job is still held
         assert queued_events[0] == Accepted(queued, 1, queued_events[0].client_job_id)
@@ -118,10 +118,10 @@ def test_cancel_queued_at_once_and_running_at_next_step(server, controls):
 
 
 def test_pings_are_answered_mid_step_and_cancel_stops_generation_between_steps(server):
-    slow = {"seed": 1, "sparse_structure_sampler": {"steps": 1000}, "asset": FAST_ASSET}
+    slow = {"seed": 1, "sparse_structure_steps": 100, **FAST_ASSET}
     with connect(server.endpoint) as client:
         client.hello()
-        job_id = client.submit(png(), slow)
+        job_id = client.submit(Generate(png(), slow))
         wait_for_stage(client, job_id, "sparse_structure")
         pinger = RawPeer(server.endpoint)
         try:
@@ -142,7 +142,7 @@ def test_a_client_that_went_away_fetches_its_result_later(server, controls):
     controls.gate.clear()
     first = connect(server.endpoint)
     first.hello()
-    job_id = first.submit(png(), SETTINGS)
+    job_id = first.submit(Generate(png(), SETTINGS))
     wait_for_stage(first, job_id, HELD_STAGE)
     first.close()  # gone mid-job
 
@@ -178,49 +178,61 @@ def test_fetch_and_cancel_of_unknown_jobs(server):
 def test_failures_end_only_their_own_job(server, controls):
     faults = [(RuntimeError("boom"), ErrorCode.INTERNAL_ERROR, "boom"),
               (torch.cuda.OutOfMemoryError("CUDA out of memory"), ErrorCode.OUT_OF_MEMORY, "out of memory"),
-              (PipelineError("empty_structure", "no object found", "try another seed"), ErrorCode.JOB_FAILED,
-               "no object found")]
+              (JobFailure("no object found", "try another seed"), ErrorCode.JOB_FAILED, "no object found")]
     with connect(server.endpoint) as client:
         client.hello()
         for fault, code, words in faults:
             controls.fault = fault
-            job_id = client.submit(png(), SETTINGS)
+            job_id = client.submit(Generate(png(), SETTINGS))
             final = last(client.events(job_id, timeout=60))
             assert isinstance(final, Error) and (final.code, final.job_id) == (code, job_id) and words in final.message
-        job_id = client.submit(corrupt_png(), SETTINGS)  # the header passes the protocol, the pixels do not
+        job_id = client.submit(Generate(corrupt_png(), SETTINGS))  # the header passes the protocol, the pixels do not
         final = last(client.events(job_id, timeout=60))
         assert isinstance(final, Error) and final.code == ErrorCode.INVALID_IMAGE and final.hint
         assert server.store.get(job_id).state == "error"
         assert isinstance(client.generate(png(), SETTINGS, timeout=60), Result)
 
 
-@pytest.mark.parametrize("settings, words", [
-    ({"seed": "one"}, "seed"),
-    ({"bogus": 1}, "bogus"),
-    ({"shape_sampler": {"steps": 0}}, "steps"),
-    ({"asset": {"faces": True}}, "faces"),
-    ({"asset": {"texture_size": 300}}, "texture_size"),
-    ({"asset": [1]}, "asset"),
-    ({"reprocess_job": "abc", "seed": 2}, "reprocess"),
-    ({"reprocess_job": "../etc"}, "reprocess_job"),
+@pytest.mark.parametrize("request_of, words", [
+    (lambda: Generate(png(), {"seed": "one"}), "seed"),
+    (lambda: Generate(png(), {"seed": True}), "seed"),
+    (lambda: Generate(png(), {"faces": "100"}), "faces"),
+    (lambda: Generate(png(), {"bogus": 1}), "bogus"),
+    (lambda: Generate(png(), {"shape_steps": 0}), "shape_steps"),
+    (lambda: Generate(png(), {"shape_guidance_strength": [1.0]}), "shape_guidance_strength"),
+    (lambda: Generate(png(), {"texture_size": 300}), "texture_size"),
+    (lambda: Reprocess("abc", {"seed": 2}), "seed"),
 ])
-def test_bad_settings_are_refused_at_submit(server, settings, words):
+def test_bad_settings_are_refused_at_submit_naming_the_setting(server, request_of, words):
     with connect(server.endpoint) as client:
         client.hello()
         with pytest.raises(RemoteError) as refused:
-            client.submit(png(), settings, client_job_id="bad-1")
+            client.submit(request_of())
     assert refused.value.code == ErrorCode.INVALID_SETTINGS and words in refused.value.message
+    assert not server.store.pending()
+
+
+def test_a_reprocess_of_no_valid_job_id_never_leaves_the_client():
+    with pytest.raises(MalformedMessage, match="source_job_id"):
+        Reprocess("../etc")
+
+
+def test_info_advertises_the_settings_schema_with_the_checkpoints_defaults(server):
+    with connect(server.endpoint) as client:
+        schema = Schema.from_wire(client.hello().settings)
+    assert schema == server.worker.schema
+    assert schema["texture_guidance_interval_end"].default == 0.9  # the tiny checkpoint's pipeline.json
 
 
 def test_queue_full_is_refused_and_queue_length_reported(server, controls):
     controls.gate.clear()
     with connect(server.endpoint) as client:
         client.hello()
-        running = client.submit(png(), SETTINGS)
+        running = client.submit(Generate(png(), SETTINGS))
         wait_for_stage(client, running, HELD_STAGE)
-        waiting = [client.submit(png(), SETTINGS) for _ in range(server.config.max_queue)]
+        waiting = [client.submit(Generate(png(), SETTINGS)) for _ in range(server.config.max_queue)]
         with pytest.raises(RemoteError) as refused:
-            client.submit(png(), SETTINGS)
+            client.submit(Generate(png(), SETTINGS))
         assert refused.value.code == ErrorCode.QUEUE_FULL
         assert client.info(refresh=True).queue_length == 1 + server.config.max_queue
         for job_id in [*waiting, running]:
@@ -233,13 +245,14 @@ def test_reprocess_rebuilds_the_asset_without_generating(server):
     with connect(server.endpoint) as client:
         client.hello()
         first = client.generate(png(), SETTINGS, timeout=60)
-        job_id = client.submit(png(1), {"reprocess_job": first.job_id, "asset": {"faces": 1000, "texture_size": 512}})
+        job_id = client.submit(Reprocess(first.job_id, {"faces": 1000, "texture_size": 512}))
         events = list(client.events(job_id, timeout=60))
         with pytest.raises(RemoteError) as refused:
-            client.submit(png(), {"reprocess_job": "never-generated"})
+            client.submit(Reprocess("never-generated"))
     result = events[-1]
     assert isinstance(result, Result) and result.job_id == job_id
-    assert not {m.stage for m in events if isinstance(m, Progress)} & set(GENERATION_SPANS)
+    generation = {s.name for ptype in PIPELINE_TYPES.values() for s in ptype.stages}
+    assert not {m.stage for m in events if isinstance(m, Progress)} & generation
     assert result.textures["base_color"].shape == (512, 512, 4)
     assert result.metadata["reprocessed_from"] == first.job_id
     assert result.metadata["ovoxel"] == first.metadata["ovoxel"]
@@ -249,7 +262,7 @@ def test_reprocess_rebuilds_the_asset_without_generating(server):
 def test_a_result_too_large_for_the_client_becomes_an_error_and_stays_fetchable(server):
     with connect(server.endpoint, limits=Limits(max_frame_bytes=100_000)) as small:
         small.hello()
-        job_id = small.submit(png(), SETTINGS)  # its 256x256 RGBA texture is 262144 bytes
+        job_id = small.submit(Generate(png(), SETTINGS))  # its 256x256 RGBA texture is 262144 bytes
         final = last(small.events(job_id, timeout=60))
     assert isinstance(final, Error) and final.code == ErrorCode.LIMIT_EXCEEDED and final.job_id == job_id
     assert "max_frame_bytes" in final.message and not server.store.get(job_id).delivered

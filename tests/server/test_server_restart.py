@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 
-from protocol import ModelStatus, Progress, Result
+from protocol import Generate, ModelStatus, Progress, Result
 from server_testkit import FAST_ASSET, connect, png, wait_for_stage, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 LAUNCH = "import sys; from backend.server.server import main; sys.exit(main())"
-SLOW = {"seed": 1, "sparse_structure_sampler": {"steps": 150}, "asset": FAST_ASSET}
+SLOW = {"seed": 1, "sparse_structure_steps": 100, **FAST_ASSET}
 
 
 class ServerProcess:
@@ -59,8 +59,8 @@ def test_sigterm_and_restart_lose_nothing(tiny_weights, tmp_path):
     try:
         with connect(first.endpoint) as client:
             wait_ready(client)
-            done = client.generate(png(), {"seed": 1, "asset": FAST_ASSET}, timeout=60)
-            interrupted = client.submit(png(), SLOW)
+            done = client.generate(png(), {"seed": 1, **FAST_ASSET}, timeout=60)
+            interrupted = client.submit(Generate(png(), SLOW))
             wait_for_stage(client, interrupted, "sparse_structure")
             assert first.terminate() == 0
     finally:
@@ -74,9 +74,9 @@ def test_sigterm_and_restart_lose_nothing(tiny_weights, tmp_path):
             assert isinstance(kept, Result) and kept.metadata == done.metadata
             assert all(np.array_equal(kept.mesh[k], done.mesh[k]) for k in done.mesh)
             resumed = client.fetch(interrupted, timeout=90)
-            assert isinstance(resumed, Result) and resumed.metadata["generation_settings"]["seed"] == 1
+            assert isinstance(resumed, Result) and resumed.metadata["settings"]["seed"] == 1
 
-            finishing = client.submit(png(), SLOW)
+            finishing = client.submit(Generate(png(), SLOW))
             wait_for_stage(client, finishing, "sparse_structure")
             second.proc.send_signal(signal.SIGTERM)
             events = list(client.events(finishing, timeout=90))

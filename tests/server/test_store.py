@@ -10,6 +10,7 @@ import pytest
 from backend.ovoxel.ovoxel import OVoxel
 from backend.server.store import JobStore, MissingOVoxel, StoreError
 from protocol import Cancelled, Error, ErrorCode, Result
+from protocol.settings import GENERATE
 
 GiB = 1 << 30
 
@@ -31,7 +32,7 @@ def store(tmp_path):
 
 def test_outcomes_survive_reopening(tmp_path, store):
     for name in ("a", "b", "c", "d"):
-        store.create(name, b"image-" + name.encode(), {"seed": 1}, f"client-{name}")
+        store.create(name, GENERATE, {"seed": 1}, image=b"image-" + name.encode(), client_job_id=f"client-{name}")
     result = make_result("a")
     assert store.finish("a", result)
     assert store.finish("b", Error(ErrorCode.JOB_FAILED, "no object", "try another seed", "b"))
@@ -58,9 +59,9 @@ def test_outcomes_survive_reopening(tmp_path, store):
 
 
 def test_interrupted_writes_leave_no_trace(tmp_path, store):
-    store.create("done", b"img", {}, None)
+    store.create("done", GENERATE, {}, image=b"img")
     store.finish("done", make_result("done"))
-    store.create("queued", b"img", {}, None)
+    store.create("queued", GENERATE, {}, image=b"img")
     store.close()
     jobs = tmp_path / "store" / "jobs"
     (jobs / "done" / "result.npz.tmp").write_bytes(b"half a file")  # a crash mid-write
@@ -75,7 +76,7 @@ def test_interrupted_writes_leave_no_trace(tmp_path, store):
 
 
 def test_a_damaged_result_becomes_an_error_not_a_crash(tmp_path, store):
-    store.create("j", b"img", {}, None)
+    store.create("j", GENERATE, {}, image=b"img")
     store.finish("j", make_result("j"))
     (tmp_path / "store" / "jobs" / "j" / "result.npz").write_bytes(b"garbage")
     damaged = store.terminal("j")
@@ -85,7 +86,7 @@ def test_a_damaged_result_becomes_an_error_not_a_crash(tmp_path, store):
 def test_purge_by_age_and_size_keeps_queued_and_uncollected_longest(tmp_path):
     store = JobStore(tmp_path / "s", max_bytes=GiB, max_age_s=100)
     for name in ("old", "collected", "uncollected", "waiting"):
-        store.create(name, b"x" * 1000, {}, None)
+        store.create(name, GENERATE, {}, image=b"x" * 1000)
     for name in ("old", "collected", "uncollected"):
         store.finish(name, make_result(name, 200))
     store.mark_delivered("collected")
@@ -109,7 +110,7 @@ def test_one_server_per_store(tmp_path, store):
 
 def test_a_reprocessing_job_keeps_its_own_ovoxel(store):
     for name in ("source", "again", "nothing"):
-        store.create(name, b"img", {}, None)
+        store.create(name, GENERATE, {}, image=b"img")
     store.save_ovoxel("source", OVoxel(np.zeros((2, 3)), np.ones((2, 6)), 32, np.zeros((3, 3)), [[0, 1, 2]]))
     store.share_ovoxel("source", "again")
     store.finish("source", Cancelled("source"))

@@ -23,7 +23,7 @@ def run(*argv: str) -> int:
 def test_submit_writes_a_glb_and_fetch_gets_it_again(server, tmp_path, capsys):
     image = tmp_path / "chair.png"
     image.write_bytes(png())
-    settings = json.dumps({"asset": FAST_ASSET})
+    settings = json.dumps(FAST_ASSET)
     assert run(str(image), "--server", server.endpoint, "--seed", "3", "--settings", settings,
                "-o", str(tmp_path / "chair.glb")) == 0
     out = capsys.readouterr()
@@ -41,7 +41,7 @@ def test_submit_writes_a_glb_and_fetch_gets_it_again(server, tmp_path, capsys):
 def test_submit_reports_failures_with_the_servers_words(server, tmp_path, capsys):
     image = tmp_path / "chair.png"
     image.write_bytes(png())
-    assert run(str(image), "--server", server.endpoint, "--settings", '{"asset": {"faces": 1}}') == 1
+    assert run(str(image), "--server", server.endpoint, "--faces", "1") == 1
     assert "invalid_settings" in capsys.readouterr().err
     assert run("--fetch", "nonexistent-job", "--server", server.endpoint) == 1
     assert "unknown_job" in capsys.readouterr().err
