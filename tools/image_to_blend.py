@@ -19,6 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import build_addon  # noqa: E402
+from blender_addon.core.settings import FIELDS, USE_ADVANCED, to_blender  # noqa: E402
+from protocol.settings import DEFAULT_WEIGHTS, GENERATE  # noqa: E402
+from protocol.settings_cli import add_setting_arguments, given_settings  # noqa: E402
 
 ADDON = "bl_ext.user_default.trellis2"
 
@@ -28,21 +31,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("image", type=Path, help="PNG, JPEG, WebP, BMP or TIFF file")
     parser.add_argument("-o", "--output", type=Path, help="the .blend to write (default: IMAGE with .blend)")
     parser.add_argument("--glb", type=Path, help="also export the object as this .glb")
-    parser.add_argument("--weights", default="microsoft/TRELLIS.2-4B", help="hub repo id or local weights folder "
+    parser.add_argument("--weights", default=DEFAULT_WEIGHTS, help="hub repo id or local weights folder "
                         "for the local backend (default: %(default)s)")
     parser.add_argument("--backend-python", default=str(ROOT / ".venv" / "bin" / "python"),
                         help="python of the backend environment, for the local backend (default: %(default)s)")
     parser.add_argument("--server", help="address of a running backend (tcp://HOST:PORT) instead of a local one")
     parser.add_argument("--server-key", default="", help="the server's public CURVE key or its server.key file")
     parser.add_argument("--client-key", default="", help="this client's NAME.key_secret file (with --server-key)")
-    parser.add_argument("--seed", type=int, help="random seed (default: the add-on's, 42)")
-    parser.add_argument("--pipeline-type", help="512, 1024, 1024_cascade (default) or 1536_cascade")
-    parser.add_argument("--faces", type=int, help="target triangle count (default 500000)")
-    parser.add_argument("--texture-size", help="256, 512, 1024, 2048 (default) or 4096")
-    parser.add_argument("--alpha-mode", help="AUTO (default), OPAQUE, MASK or BLEND")
+    add_setting_arguments(parser, GENERATE)
     args = parser.parse_args(argv)
     args.output = args.output or args.image.with_suffix(".blend")
     return args
+
+
+def operator_settings(given: dict) -> dict:
+    """Settings as the operator's properties take them: Blender enums are strings, so int choices become strings,
+    and advanced settings need the add-on's `use_advanced` switch on."""
+    out = {name: to_blender(FIELDS[name], value) for name, value in given.items()}
+    if any(FIELDS[name].section == "advanced" for name in given):
+        out[USE_ADVANCED.name] = True
+    return out
 
 
 def install_addon(bpy) -> None:
@@ -69,9 +77,7 @@ def generate(args: argparse.Namespace) -> int:
     install_addon(bpy)
     configure(bpy, args)
     bpy.ops.wm.read_homefile(use_empty=True)
-    settings = {name: value for name, value in (("seed", args.seed), ("pipeline_type", args.pipeline_type),
-                                                ("faces", args.faces), ("texture_size", args.texture_size),
-                                                ("alpha_mode", args.alpha_mode)) if value is not None}
+    settings = operator_settings(given_settings(args, GENERATE))
     try:
         bpy.ops.trellis2.generate(image_path=str(args.image.absolute()), **settings)
     except (RuntimeError, TypeError) as exc:  # the operator's error report (one line, with its hint) or a bad value

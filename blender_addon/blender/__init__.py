@@ -1,11 +1,11 @@
-"""The add-on's Blender half: properties, preferences, operators, the sidebar panel, the session runtime and the
+"""The add-on's Blender half: properties, preferences, operators, the sidebar panel, the main-thread timer and the
 builder that turns checked results into Blender data. Everything that needs no bpy lives in `..core`."""
 
 from __future__ import annotations
 
 import bpy
 
-from . import operators, panel, preferences, properties, runtime
+from . import operators, panel, preferences, properties, timer
 
 
 def register() -> None:
@@ -13,11 +13,11 @@ def register() -> None:
     for cls in (preferences.Trellis2Preferences, *operators.CLASSES, *panel.CLASSES):
         bpy.utils.register_class(cls)
     panel.register()
-    runtime.register()
+    timer.register()
 
 
 def unregister() -> None:
-    runtime.unregister()
+    timer.unregister()
     panel.unregister()
     for cls in reversed((preferences.Trellis2Preferences, *operators.CLASSES, *panel.CLASSES)):
         bpy.utils.unregister_class(cls)

@@ -14,11 +14,15 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from ..core import settings as core_settings
 from ..core.errors import AddonError, user_error
-from ..core.jobs import PLACEHOLDER_IMAGE, Job
-from ..protocol import image_info
-from . import runtime
+from ..core.remote_job import RemoteJob
+from ..core.session import LOCAL, progress_printer
+from ..protocol import Generate, Reprocess, image_info
+from ..protocol.settings import GENERATE, REPROCESS, SEED_MAX
+from . import running
 from .preferences import preferences
 from .properties import settings_annotations, settings_of
+from .running import session
+from .timer import load_defaults
 
 
 def read_image_file(path: str) -> tuple[bytes, str]:
@@ -51,6 +55,13 @@ def read_blender_image(image: bpy.types.Image) -> tuple[bytes, str]:
             bpy.data.images.remove(copy)
 
 
+def start(op: bpy.types.Operator, context: bpy.types.Context, label: str, request, settings: dict) -> set[str]:
+    """Send `request` to the backend the preferences name, as a job whose object goes to the 3D cursor."""
+    job = RemoteJob(label, session.connector(preferences(context).backend_plan(connecting=True)), request=request,
+                    on_event=progress_printer() if bpy.app.background else None)
+    return running.launch(op, job, running.target_here(context, label, settings))
+
+
 class Trellis2Operator(bpy.types.Operator):
     """Base of the operators that can fail: subclasses implement `run`, whose exceptions become an error report
     and CANCELLED, never a traceback."""
@@ -64,7 +75,7 @@ class Trellis2Operator(bpy.types.Operator):
 
     @classmethod
     def idle(cls) -> bool:
-        if runtime.session.busy:
+        if session.busy:
             cls.poll_message_set("A TRELLIS.2 job is running")
             return False
         return True
@@ -91,7 +102,7 @@ class TRELLIS2_OT_generate(Trellis2Operator):
 
     def run(self, context: bpy.types.Context) -> set[str]:
         prefs = preferences(context)
-        given = {name: getattr(self, name) for name in core_settings.FIELDS if self.properties.is_property_set(name)}
+        given = {name: value for name, value in settings_of(self).items() if self.properties.is_property_set(name)}
         settings = core_settings.resolve(given, settings_of(prefs.defaults))
         if bool(self.image_path) == bool(self.image_name):
             raise AddonError("Give an image file or a Blender image, exactly one of them",
@@ -103,9 +114,9 @@ class TRELLIS2_OT_generate(Trellis2Operator):
         else:
             raise AddonError(f"There is no Blender image named {self.image_name!r}", "Pick an existing image.")
         image_info(image)  # InvalidImage, with its hint, for anything but PNG, JPEG, WebP, BMP and TIFF
-        job = Job(label, runtime.connector(prefs), image=image, settings=core_settings.to_wire(settings),
-                  on_event=runtime.progress_printer() if bpy.app.background else None)
-        return runtime.launch(self, job, runtime.target_here(context, label, settings))
+        extras = {item.name: item.value for item in context.scene.trellis2.extras}
+        request = Generate(image, core_settings.request_settings(settings, GENERATE, extras))
+        return start(self, context, label, request, settings)
 
 
 class RecentOperator(Trellis2Operator):
@@ -131,8 +142,9 @@ class TRELLIS2_OT_reimport(RecentOperator):
 
     def run(self, context: bpy.types.Context) -> set[str]:
         item = self.recent(context)
-        job = Job(item.name, runtime.connector(preferences(context)), fetch_job_id=item.job_id)
-        return runtime.launch(self, job, runtime.target_here(context, item.name, item.settings, remember_it=False))
+        job = RemoteJob(item.name, session.connector(preferences(context).backend_plan(connecting=True)),
+                        fetch_job_id=item.job_id)
+        return running.launch(self, job, running.target_here(context, item.name, item.settings, remember_it=False))
 
 
 class TRELLIS2_OT_reprocess(RecentOperator):
@@ -145,11 +157,10 @@ class TRELLIS2_OT_reprocess(RecentOperator):
     def run(self, context: bpy.types.Context) -> set[str]:
         item = self.recent(context)
         panel = settings_of(context.scene.trellis2.settings)
-        settings = {**item.settings, **{name: panel[name] for name in core_settings.ASSET_NAMES}}
-        job = Job(item.name, runtime.connector(preferences(context)), image=PLACEHOLDER_IMAGE,
-                  settings=core_settings.reprocess_wire(item.job_id, settings),
-                  on_event=runtime.progress_printer() if bpy.app.background else None)
-        return runtime.launch(self, job, runtime.target_here(context, item.name, settings))
+        asset = {s.name: panel[s.name] for s in core_settings.in_section("asset", REPROCESS)}
+        settings = core_settings.resolve({**item.settings, **asset})
+        request = Reprocess(item.job_id, core_settings.request_settings(settings, REPROCESS))
+        return start(self, context, item.name, request, settings)
 
 
 class TRELLIS2_OT_cancel(bpy.types.Operator):
@@ -160,10 +171,10 @@ class TRELLIS2_OT_cancel(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        return runtime.session.busy
+        return session.busy
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        runtime.session.job.cancel()
+        session.job.cancel()
         self.report({"INFO"}, "TRELLIS.2: cancelling")
         return {"FINISHED"}
 
@@ -176,7 +187,7 @@ class TRELLIS2_OT_randomize_seed(bpy.types.Operator):
     bl_options = {"UNDO", "INTERNAL"}
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        context.scene.trellis2.settings.seed = random.randint(0, core_settings.SEED_MAX)
+        context.scene.trellis2.settings.seed = random.randint(0, SEED_MAX)
         return {"FINISHED"}
 
 
@@ -188,7 +199,7 @@ class TRELLIS2_OT_load_defaults(bpy.types.Operator):
     bl_options = {"UNDO", "INTERNAL"}
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        runtime.load_defaults(context.scene.trellis2, preferences(context))
+        load_defaults(context.scene.trellis2, preferences(context))
         return {"FINISHED"}
 
 
@@ -200,10 +211,10 @@ class TRELLIS2_OT_start_backend(Trellis2Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        return preferences(context).backend_mode == "LOCAL" and not runtime.session.backend.running
+        return preferences(context).backend_mode == LOCAL and not session.backend.running
 
     def run(self, context: bpy.types.Context) -> set[str]:
-        runtime.start_backend(preferences(context))
+        session.start_local_in_background(preferences(context).backend_plan(connecting=True))
         return {"FINISHED"}
 
 
@@ -215,10 +226,10 @@ class TRELLIS2_OT_stop_backend(bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        return runtime.session.backend.running
+        return session.backend.running
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        runtime.session.backend.stop()
+        session.backend.stop()
         return {"FINISHED"}
 
 

@@ -8,11 +8,13 @@ from pathlib import Path
 import bpy
 import bpy.utils.previews
 
-from ..core.jobs import Job
-from . import runtime
-from .drawing import draw_advanced, draw_asset, draw_generation
+from ..core.remote_job import RemoteJob
+from ..core.session import LOCAL
+from ..core.settings import FIELDS
+from .drawing import draw_advanced, draw_asset, draw_main
 from .preferences import Trellis2Preferences, preferences
-from .properties import settings_of
+from .running import session
+from .timer import CATEGORY
 
 STATUS_ICONS = {"connected": "CHECKMARK", "connecting": "SORTTIME", "unreachable": "ERROR", "not_started": "BLANK1"}
 _previews: bpy.utils.previews.ImagePreviewCollection | None = None
@@ -30,7 +32,7 @@ def file_preview_icon(path: str) -> int:
 class SidebarPanel:
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
-    bl_category = runtime.CATEGORY
+    bl_category = CATEGORY
 
 
 class TRELLIS2_PT_main(SidebarPanel, bpy.types.Panel):
@@ -42,26 +44,26 @@ class TRELLIS2_PT_main(SidebarPanel, bpy.types.Panel):
         state = context.scene.trellis2
         draw_status(layout, preferences(context))
         draw_image(layout, state)
-        draw_generation(layout.column(), state.settings, seed_button=True)
-        job = runtime.session.job
+        draw_main(layout.column(), state.settings, seed_button=True)
+        job = session.job
         if job is not None and not job.done:
             draw_progress(layout, job)
         else:
             draw_generate_button(layout, state)
-        if runtime.session.message is not None:
-            level, text = runtime.session.message
+        if session.message is not None:
+            level, text = session.message
             box = layout.box().column(align=True)
             for i, line in enumerate(text.split(". ", 1)):  # what happened, then what to do
                 box.label(text=line, icon=("ERROR" if level == "ERROR" else "INFO") if i == 0 else "BLANK1")
 
 
 def draw_status(layout: bpy.types.UILayout, prefs: Trellis2Preferences) -> None:
-    status = runtime.backend_status(prefs)
+    status = session.status(prefs.backend_plan())
     row = layout.row(align=True)
-    where = "Local" if prefs.backend_mode == "LOCAL" else prefs.server_address
+    where = "Local" if prefs.backend_mode == LOCAL else prefs.server_address
     row.label(text=f"{where}: {status.text}", icon=STATUS_ICONS.get(status.state, "QUESTION"))
-    if prefs.backend_mode == "LOCAL":
-        if runtime.session.backend.running:
+    if prefs.backend_mode == LOCAL:
+        if session.backend.running:
             row.operator("trellis2.stop_backend", text="", icon="PAUSE")
         else:
             row.operator("trellis2.start_backend", text="", icon="PLAY")
@@ -83,8 +85,8 @@ def draw_generate_button(layout: bpy.types.UILayout, state) -> None:
     row = layout.row()
     row.scale_y = 1.5
     op = row.operator("trellis2.generate", icon="MESH_MONKEY")
-    for name, value in settings_of(state.settings).items():
-        setattr(op, name, value)
+    for name in FIELDS:
+        setattr(op, name, getattr(state.settings, name))
     if state.image_source == "FILE":
         op.image_path = state.image_path
     elif state.image is not None:
@@ -92,7 +94,7 @@ def draw_generate_button(layout: bpy.types.UILayout, state) -> None:
     row.enabled = bool(op.image_path or op.image_name)
 
 
-def draw_progress(layout: bpy.types.UILayout, job: Job) -> None:
+def draw_progress(layout: bpy.types.UILayout, job: RemoteJob) -> None:
     row = layout.row(align=True)
     row.progress(factor=job.status.fraction, type="BAR", text=f"{job.label}: {job.status.text()}")
     row.operator("trellis2.cancel", text="", icon="CANCEL")
@@ -116,7 +118,8 @@ class TRELLIS2_PT_advanced(SidebarPanel, bpy.types.Panel):
 
     def draw(self, context: bpy.types.Context) -> None:
         self.layout.use_property_split = True
-        draw_advanced(self.layout, context.scene.trellis2.settings)
+        state = context.scene.trellis2
+        draw_advanced(self.layout, state.settings, state.extras)
         self.layout.operator("trellis2.load_defaults", icon="LOOP_BACK")
 
 

@@ -1,17 +1,20 @@
 """Add-on preferences: where the backend runs (a local process the add-on starts itself, or a remote server with
-CURVE keys) and the default generation settings."""
+CURVE keys) and the default settings; `backend_plan` hands where the backend is to the bpy-free session."""
 
 from pathlib import Path
 
 import bpy
 from bpy.props import EnumProperty, PointerProperty, StringProperty
 
-from ..core.backend import Connection
+from ..core.connection import Connection
+from ..core.errors import AddonError
+from ..core.session import LOCAL, REMOTE, BackendPlan
+from ..protocol.settings import DEFAULT_WEIGHTS
 from .drawing import draw_settings
 from .properties import SettingsGroup
 
 PACKAGE = __package__.rpartition(".")[0]  # the extension's module name, e.g. bl_ext.user_default.trellis2
-DEFAULT_WEIGHTS = "microsoft/TRELLIS.2-4B"
+LOOPBACK_PREFIXES = ("tcp://127.", "tcp://localhost", "ipc://")
 
 
 class Trellis2Preferences(bpy.types.AddonPreferences):
@@ -19,9 +22,9 @@ class Trellis2Preferences(bpy.types.AddonPreferences):
 
     backend_mode: EnumProperty(  # type: ignore[valid-type]
         name="Backend",
-        items=[("LOCAL", "Local", "Start a backend on this computer when needed, stop it when Blender quits"),
-               ("REMOTE", "Remote Server", "Use a running backend, e.g. on a GPU server")],
-        default="LOCAL")
+        items=[(LOCAL, "Local", "Start a backend on this computer when needed, stop it when Blender quits"),
+               (REMOTE, "Remote Server", "Use a running backend, e.g. on a GPU server")],
+        default=LOCAL)
     backend_python: StringProperty(  # type: ignore[valid-type]
         name="Backend Python", subtype="FILE_PATH",
         description="The python executable of the backend's environment (in a checkout: .venv/bin/python)")
@@ -46,11 +49,24 @@ class Trellis2Preferences(bpy.types.AddonPreferences):
         """The local backend's folder (log and job store), in the extension's user folder: kept across updates."""
         return Path(bpy.utils.extension_path_user(PACKAGE, path="backend", create=True))
 
+    def backend_plan(self, connecting: bool = False) -> BackendPlan:
+        """Where the backend is, read here on the main thread. `connecting`: about to start or reach it, so a remote
+        server beyond this machine needs Blender's online access (an AddonError says where to allow it) and the local
+        backend's folder is made; the status line's plan skips both."""
+        if self.backend_mode == REMOTE:
+            remote = self.remote_connection()
+            if connecting and not (bpy.app.online_access or remote.address.startswith(LOOPBACK_PREFIXES)):
+                raise AddonError("Online access is disabled, so the add-on may not reach a remote server",
+                                 "Enable Preferences > System > Network > Allow Online Access.")
+            return BackendPlan(REMOTE, remote=remote)
+        return BackendPlan(LOCAL, python=bpy.path.abspath(self.backend_python), weights=bpy.path.abspath(self.weights),
+                           home=self.local_backend_home() if connecting else None)
+
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         layout.use_property_split = True
         layout.prop(self, "backend_mode", expand=True)
-        if self.backend_mode == "LOCAL":
+        if self.backend_mode == LOCAL:
             layout.prop(self, "backend_python")
             layout.prop(self, "weights")
         else:
@@ -58,7 +74,7 @@ class Trellis2Preferences(bpy.types.AddonPreferences):
             layout.prop(self, "server_key")
             layout.prop(self, "client_key_file")
         layout.separator()
-        layout.label(text="Default generation settings")
+        layout.label(text="Default settings")
         draw_settings(layout, self.defaults)
 
 

@@ -1,42 +1,88 @@
-"""Blender properties: the generation settings (built from `core.settings.FIELDS`, so the preferences' defaults,
-the panel and the operator can never disagree), and the per-scene state: the chosen image and recent results.
+"""Blender properties: one per setting of the settings schema (`core.settings.FIELDS`, so the preferences' defaults,
+the panel and the operator can never disagree), the settings a newer server advertises that this add-on does not
+know (`ExtraSetting`), and the per-scene state: the chosen image and recent results.
 """
 
 import json
-from typing import Any
+from typing import Any, Mapping
 
 import bpy
 from bpy.props import (BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, PointerProperty,
                        StringProperty)
 
 from ..core import settings as core_settings
+from ..protocol.settings import Setting
 
 MAX_RECENT = 10
 
 
+def _property(setting: Setting, options: set[str]) -> Any:
+    common = dict(name=setting.label, description=setting.help, options=options,
+                  default=core_settings.to_blender(setting, setting.default))
+    if setting.choices:
+        items = [(str(c.value), c.label, c.help) for c in setting.choices]
+        return EnumProperty(items=items, **common)
+    if setting.kind == "bool":
+        return BoolProperty(**common)
+    if setting.kind == "int":
+        return IntProperty(min=int(setting.minimum), max=int(setting.maximum), **common)
+    if setting.kind == "float":
+        return FloatProperty(min=setting.minimum, max=setting.maximum, **common)
+    return StringProperty(**common)
+
+
 def settings_annotations(options: set[str]) -> dict[str, Any]:
     """One bpy property per settings field; `options` e.g. {'SKIP_SAVE'} for operator properties."""
-    props: dict[str, Any] = {}
-    for f in core_settings.FIELDS.values():
-        common = dict(name=f.label, description=f.description, default=f.default, options=options)
-        if f.choices:
-            props[f.name] = EnumProperty(items=f.choices, **common)
-        elif type(f.default) is bool:
-            props[f.name] = BoolProperty(**common)
-        elif type(f.default) is int:
-            props[f.name] = IntProperty(min=int(f.minimum), max=int(f.maximum), **common)
-        else:
-            props[f.name] = FloatProperty(min=f.minimum, max=f.maximum, **common)
-    return props
+    return {name: _property(setting, options) for name, setting in core_settings.FIELDS.items()}
 
 
 def settings_of(holder: Any) -> dict[str, Any]:
-    """The settings values of a SettingsGroup or an operator, as the flat dict `core.settings` works with."""
-    return {name: getattr(holder, name) for name in core_settings.FIELDS}
+    """The settings values of a SettingsGroup or an operator, in the schema's own types."""
+    return {name: core_settings.from_blender(s, getattr(holder, name)) for name, s in core_settings.FIELDS.items()}
+
+
+def set_settings(holder: Any, values: Mapping[str, Any]) -> None:
+    for name, value in values.items():
+        setattr(holder, name, core_settings.to_blender(core_settings.FIELDS[name], value))
 
 
 class SettingsGroup(bpy.types.PropertyGroup):
     __annotations__ = settings_annotations(set())
+
+
+class ExtraSetting(bpy.types.PropertyGroup):
+    """A setting the connected server advertises that this add-on's schema lacks. `name`: the setting's name."""
+
+    label: StringProperty()  # type: ignore[valid-type]
+    help: StringProperty()  # type: ignore[valid-type]
+    kind: StringProperty()  # type: ignore[valid-type]
+    bool_value: BoolProperty()  # type: ignore[valid-type]
+    int_value: IntProperty()  # type: ignore[valid-type]
+    float_value: FloatProperty()  # type: ignore[valid-type]
+    str_value: StringProperty()  # type: ignore[valid-type]
+
+    @property
+    def value(self) -> Any:
+        return getattr(self, f"{self.kind}_value")
+
+
+def sync_extra_settings(state: "SceneState", unknown: list[Setting]) -> bool:
+    """Offer the server's settings that this add-on lacks (new ones start at the server's default); True if the
+    list changed."""
+    wanted = {s.name: s for s in unknown}
+    changed = False
+    for index in reversed(range(len(state.extras))):
+        if state.extras[index].name not in wanted:
+            state.extras.remove(index)
+            changed = True
+    have = {item.name for item in state.extras}
+    for setting in unknown:
+        if setting.name not in have:
+            item = state.extras.add()
+            item.name, item.label, item.help, item.kind = setting.name, setting.label, setting.help, setting.kind
+            setattr(item, f"{setting.kind}_value", setting.default)
+            changed = True
+    return changed
 
 
 class RecentResult(bpy.types.PropertyGroup):
@@ -57,6 +103,7 @@ class SceneState(bpy.types.PropertyGroup):
     image_path: StringProperty(name="Image", subtype="FILE_PATH", description="The image to turn into an object")  # type: ignore[valid-type]
     image: PointerProperty(name="Image", type=bpy.types.Image, description="The image to turn into an object")  # type: ignore[valid-type]
     settings: PointerProperty(type=SettingsGroup)  # type: ignore[valid-type]
+    extras: CollectionProperty(type=ExtraSetting)  # type: ignore[valid-type]
     defaults_loaded: BoolProperty(description="The settings were initialised from the preferences' defaults")  # type: ignore[valid-type]
     recent: CollectionProperty(type=RecentResult)  # type: ignore[valid-type]
     recent_index: IntProperty(name="Recent result", min=0)  # type: ignore[valid-type]
@@ -72,7 +119,7 @@ def remember(state: SceneState, label: str, job_id: str, settings: dict[str, Any
     state.recent_index = 0
 
 
-CLASSES = (SettingsGroup, RecentResult, SceneState)
+CLASSES = (SettingsGroup, ExtraSetting, RecentResult, SceneState)
 
 
 def register() -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from ..protocol import Client, Info
-from .backend import Connection
+from .connection import Connection
 from .errors import user_error
 
 INTERVAL_S = 2.0

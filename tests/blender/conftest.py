@@ -21,7 +21,7 @@ import bpy  # noqa: E402
 import pytest  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path[:0] = [str(ROOT), str(Path(__file__).parent), str(ROOT / "tests" / "protocol")]
+sys.path[:0] = [str(ROOT), str(Path(__file__).parent), str(ROOT / "tests" / "protocol"), str(ROOT / "tests" / "addon_core")]
 
 import build_addon  # noqa: E402
 
@@ -68,6 +68,6 @@ def scene(addon: ModuleType) -> bpy.types.Scene:
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     for name in ("backend_mode", "backend_python", "weights", "server_address", "server_key"):
         prefs.property_unset(name)
-    session = addon_module("blender.runtime").session
+    session = addon_module("blender.running").session
     session.job = session.target = session.message = None
     return bpy.context.scene

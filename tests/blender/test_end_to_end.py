@@ -21,7 +21,7 @@ from conftest import PACKAGE, ROOT, addon_module
 from test_build import ALPHA_LINK, BASE_LINKS, links
 
 BACKEND_PYTHON = Path(os.environ.get("TRELLIS2_BACKEND_PYTHON", ROOT / ".venv" / "bin" / "python"))
-FAST = dict(pipeline_type="512", custom_sampling=True, sparse_structure_steps=4, shape_steps=4, texture_steps=4,
+FAST = dict(pipeline_type="512", use_advanced=True, sparse_structure_steps=4, shape_steps=4, texture_steps=4,
             texture_size="512", faces=20_000)
 
 
@@ -43,7 +43,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stop_at_end():
     """The local backend lives through this module's tests (its job store is in the test's Blender user folder)."""
     yield
-    addon_module("blender.runtime").session.backend.stop()
+    addon_module("blender.running").session.backend.stop()
 
 
 @pytest.fixture
@@ -95,9 +95,12 @@ def test_generate_reprocess_and_reimport_with_a_real_backend(local_backend, tmp_
 
 def start_slow_job(prefs, tmp_path: Path, name: str):
     """A job with many shape steps, started in a worker thread and followed until its shape stage runs."""
-    runtime, jobs, settings = (addon_module(m) for m in ("blender.runtime", "core.jobs", "core.settings"))
-    wire = settings.to_wire(settings.resolve({**FAST, "shape_steps": 100, "texture_steps": 100}))
-    job = jobs.Job(name, runtime.connector(prefs), image=Path(subject(tmp_path, name)).read_bytes(), settings=wire)
+    running, settings = addon_module("blender.running"), addon_module("core.settings")
+    chosen = settings.resolve({**FAST, "texture_size": 512, "shape_steps": 100, "texture_steps": 100})
+    request = addon_module("protocol").Generate(Path(subject(tmp_path, name)).read_bytes(),
+                                                settings.request_settings(chosen, "generate"))
+    job = addon_module("core.remote_job").RemoteJob(
+        name, running.session.connector(prefs.backend_plan(connecting=True)), request=request)
     job.start()
     deadline = time.monotonic() + 120
     while job.status.stage != "shape" and not job.done and time.monotonic() < deadline:
@@ -122,12 +125,12 @@ def test_cancel_stops_the_job_on_the_server(local_backend, tmp_path: Path) -> No
 
 
 def test_a_dying_local_backend_is_reported_within_seconds_with_its_log(local_backend, tmp_path: Path) -> None:
-    runtime = addon_module("blender.runtime")
+    running = addon_module("blender.running")
     job = start_slow_job(local_backend, tmp_path, "doomed")
-    runtime.session.backend._proc.kill()  # as the OOM killer would
-    assert wait_done(job, 30) < addon_module("core.backend").DEAD_AFTER_S + 2 and job.state == "failed"
+    running.session.backend._proc.kill()  # as the OOM killer would
+    assert wait_done(job, 30) < addon_module("core.connection").DEAD_AFTER_S + 2 and job.state == "failed"
     with pytest.raises(addon_module("core.errors").AddonError) as info:
-        runtime.complete(job, runtime.target_here(bpy.context, "doomed", {}))
+        running.complete(job, running.target_here(bpy.context, "doomed", {}))
     assert info.value.message == "The local backend stopped unexpectedly (exit code -9)"
     assert "backend.log ends with:" in info.value.hint and "job" in info.value.hint
 

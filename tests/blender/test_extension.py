@@ -61,7 +61,7 @@ def test_wheel_tags_follow_blenders_matching_rules() -> None:
 def test_the_zip_holds_the_addon_the_vendored_protocol_and_every_wheel(extension_zip: Path) -> None:
     names = zipfile.ZipFile(extension_zip).namelist()
     manifest = build_addon.validate_manifest(MANIFEST)
-    assert {"blender_manifest.toml", "__init__.py", "core/jobs.py", "blender/build.py", "protocol/client.py"} <= set(names)
+    assert {"blender_manifest.toml", "__init__.py", "core/remote_job.py", "blender/build.py", "protocol/client.py"} <= set(names)
     assert {f"wheels/{w.rsplit('/', 1)[1]}" for w in manifest["wheels"]} == {n for n in names if n.startswith("wheels/")}
     assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
 
@@ -76,7 +76,7 @@ def test_installed_like_a_user_would_with_wheels_unpacked_and_protocol_vendored(
     assert Path(addon.__file__).is_relative_to(Path(USER_RESOURCES) / "extensions" / "user_default" / "trellis2")
     site = Path(USER_RESOURCES) / "extensions" / ".local" / "lib" / PY / "site-packages"
     assert (site / "zmq" / "__init__.py").is_file() and (site / "msgpack" / "__init__.py").is_file()
-    client_cls = addon_module("core.jobs").Client
+    client_cls = addon_module("core.remote_job").Client
     assert client_cls.__module__ == f"{PACKAGE}.protocol.client"  # the bundled copy, not a top-level 'protocol'
     assert "trellis2" in dir(bpy.ops) and hasattr(bpy.types.Scene, "trellis2")
 
@@ -97,8 +97,9 @@ def test_disable_and_enable_unregister_and_register_everything(addon) -> None:
 def test_the_core_never_imports_bpy(extension_zip: Path, tmp_path: Path) -> None:
     with zipfile.ZipFile(extension_zip) as zf:
         zf.extractall(tmp_path / "trellis2")
-    code = ("import sys; import trellis2.core.settings, trellis2.core.result, trellis2.core.jobs, "
-            "trellis2.core.backend, trellis2.core.status, trellis2.core.errors; "
+    code = ("import sys; import trellis2.core.settings, trellis2.core.result, trellis2.core.remote_job, "
+            "trellis2.core.connection, trellis2.core.local_backend, trellis2.core.status, trellis2.core.session, "
+            "trellis2.core.errors; "
             "assert 'bpy' not in sys.modules, 'bpy imported'; print('ok')")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True)
     assert run.stdout.strip() == "ok", run.stderr

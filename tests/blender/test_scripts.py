@@ -13,7 +13,7 @@ from protocol_fakes import FakeServer
 
 import synthetic
 from conftest import ROOT
-from test_core import backend_handler
+from addon_fakes import backend_handler
 
 
 @pytest.fixture
@@ -55,7 +55,7 @@ def test_image_to_blend_writes_a_blend_with_the_object(fake_server, tmp_path) ->
                           "--server", fake_server.address, "--seed", "3"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"wrote {out} (lamp: 18 faces)" in run.stdout
-    submit = next(m for m in fake_server.received if type(m).__name__ == "Submit")
+    submit = next(m for m in fake_server.received if type(m).__name__ == "Generate")
     assert submit.settings["seed"] == 3
     bpy.ops.wm.open_mainfile(filepath=str(out))
     lamp = bpy.data.objects["lamp"]

@@ -14,7 +14,7 @@ from protocol_fakes import FakeServer, png_bytes
 
 import protocol as wire
 from conftest import PACKAGE, addon_module
-from test_core import backend_handler
+from addon_fakes import backend_handler
 
 
 class FakeLayout:
@@ -98,9 +98,10 @@ def test_an_image_already_in_blender_is_picked_with_a_preview(scene) -> None:
 
 
 def test_a_running_job_shows_a_progress_bar_with_stage_and_step_and_cancel(scene, addon) -> None:
-    job = addon_module("core.jobs").Job("chair", lambda say: None, image=b"x")
-    job.status = addon_module("core.jobs").JobStatus("shape", 5, 12, 0.4)
-    addon_module("blender.runtime").session.job = job
+    remote_job = addon_module("core.remote_job")
+    job = remote_job.RemoteJob("chair", lambda say: None, request=addon_module("protocol").Generate(png_bytes()))
+    job.status = remote_job.JobStatus("shape", 5, 12, 0.4)
+    addon_module("blender.running").session.job = job
     layout = draw("TRELLIS2_PT_main")
     (args, kwargs), = layout.calls("progress")
     assert kwargs["factor"] == 0.4 and kwargs["text"] == "chair: shape 5/12"
@@ -108,7 +109,7 @@ def test_a_running_job_shows_a_progress_bar_with_stage_and_step_and_cancel(scene
 
 
 def test_the_last_outcome_is_shown_as_message_and_hint(scene, addon) -> None:
-    addon_module("blender.runtime").session.message = ("ERROR", "The GPU ran out of memory. Pick the 512 pipeline")
+    addon_module("blender.running").session.message = ("ERROR", "The GPU ran out of memory. Pick the 512 pipeline")
     labels = [(kw.get("text"), kw.get("icon")) for _, kw in draw("TRELLIS2_PT_main").calls("label")]
     assert ("The GPU ran out of memory", "ERROR") in labels and ("Pick the 512 pipeline", "BLANK1") in labels
 
@@ -119,7 +120,9 @@ def test_sub_panels_fold_asset_advanced_and_recent_results(scene) -> None:
     settings.alpha_mode = "MASK"
     assert draw("TRELLIS2_PT_asset").props() == ["faces", "texture_size", "remesh", "alpha_mode", "alpha_cutoff"]
     advanced = draw("TRELLIS2_PT_advanced")
-    assert {"custom_sampling", "shape_steps", "texture_guidance_strength", "max_num_tokens"} <= set(advanced.props())
+    assert {"use_advanced", "shape_steps", "texture_guidance_strength", "texture_guidance_interval_end",
+            "max_num_tokens", "fill_hole_perimeter"} <= set(advanced.props())
+    assert "remesh_band" not in advanced.props()  # shown only with remesh on
     assert bpy.types.TRELLIS2_PT_advanced.bl_options == {"DEFAULT_CLOSED"}
     addon_module("blender.properties").remember(scene.trellis2, "chair", "job-1", {})
     recent = draw("TRELLIS2_PT_recent")
@@ -131,7 +134,8 @@ def test_the_preferences_show_the_backend_choice_and_every_default_setting(prefs
     layout = FakeLayout()
     type(prefs).draw(SimpleNamespace(layout=layout, backend_mode="LOCAL", defaults=prefs.defaults), bpy.context)
     assert {"backend_python", "weights"} <= set(layout.props())
-    assert set(layout.props()) >= set(fields) - {"alpha_cutoff"}
+    texturing_only = {s for s in fields if "generate" not in fields[s].requests} - {"use_advanced"}
+    assert set(layout.props()) >= set(fields) - {"alpha_cutoff", "remesh_band"} - texturing_only
     remote = FakeLayout()
     type(prefs).draw(SimpleNamespace(layout=remote, backend_mode="REMOTE", defaults=prefs.defaults), bpy.context)
     assert {"server_address", "server_key", "client_key_file"} <= set(remote.props())
@@ -162,12 +166,12 @@ def test_a_local_backend_without_python_says_where_to_set_it(prefs, tmp_path) ->
 
 
 def test_an_unreachable_server_is_reported_within_seconds(prefs, tmp_path) -> None:
-    backend = addon_module("core.backend")
-    prefs.backend_mode, prefs.server_address = "REMOTE", f"tcp://127.0.0.1:{backend.free_loopback_port()}"
+    port = addon_module("core.local_backend").free_loopback_port()
+    prefs.backend_mode, prefs.server_address = "REMOTE", f"tcp://127.0.0.1:{port}"
     started = time.monotonic()
     with pytest.raises(RuntimeError, match=r"\[backend_unreachable\]\. Start the backend or check the address"):
         bpy.ops.trellis2.generate(image_path=image_file(tmp_path))
-    assert time.monotonic() - started < backend.DEAD_AFTER_S + 2
+    assert time.monotonic() - started < addon_module("core.connection").DEAD_AFTER_S + 2
 
 
 def test_a_remote_server_beyond_this_machine_needs_online_access(prefs, tmp_path) -> None:
@@ -185,9 +189,10 @@ def test_generate_from_a_blender_image_builds_the_object_and_remembers_it(scene,
     assert bpy.ops.trellis2.generate(image_name=image.name, seed=5) == {"FINISHED"}
     obj = bpy.context.view_layer.objects.active
     assert obj.name == "photo" and obj["trellis2_job"] == "job-1" and len(obj.data.polygons) == 18
-    submit = next(m for m in fake_backend.received if isinstance(m, wire.Submit))
+    submit = next(m for m in fake_backend.received if isinstance(m, wire.Generate))
     assert wire.image_info(submit.image).format == "png" and submit.settings["seed"] == 5
-    assert submit.settings["asset"]["faces"] == 500_000  # unset settings: the preferences' defaults
+    assert submit.settings["faces"] == 500_000  # unset settings: the preferences' defaults
+    assert "shape_steps" not in submit.settings  # advanced settings stay the backend's unless asked for
     assert image.source == "GENERATED"  # the user's image was not turned into a file image
     recent = scene.trellis2.recent[0]
     assert (recent.name, recent.job_id, recent.settings["seed"]) == ("photo", "job-1", 5)
@@ -198,9 +203,10 @@ def test_reimport_and_reprocess_rebuild_a_recent_result(scene, fake_backend, tmp
     bpy.ops.trellis2.generate(image_path=image_file(tmp_path))
     scene.trellis2.settings.texture_size = "512"
     assert bpy.ops.trellis2.reprocess(index=0) == {"FINISHED"}
-    reprocess = [m for m in fake_backend.received if isinstance(m, wire.Submit)][-1]
-    assert reprocess.settings["reprocess_job"] == "job-1" and reprocess.settings["asset"]["texture_size"] == 512
-    assert set(reprocess.settings) == {"reprocess_job", "asset"}
+    reprocess = [m for m in fake_backend.received if isinstance(m, wire.Reprocess)][-1]
+    assert reprocess.source_job_id == "job-1" and reprocess.settings["texture_size"] == 512
+    assert set(reprocess.settings) == {"faces", "texture_size", "remesh", "alpha_mode", "alpha_cutoff"}
+    assert not any(isinstance(m, wire.Generate) and m.image == b"" for m in fake_backend.received)
     assert bpy.ops.trellis2.reimport(index=1) == {"FINISHED"}
     assert [m.job_id for m in fake_backend.received if isinstance(m, wire.Fetch)] == ["job-1"]
     assert sorted(o.name for o in scene.objects) == ["chair", "chair.001", "chair.002"]
@@ -209,23 +215,25 @@ def test_reimport_and_reprocess_rebuild_a_recent_result(scene, fake_backend, tmp
 
 def test_the_ui_path_runs_the_job_in_a_thread_and_the_timer_builds_the_object(scene, prefs, fake_backend,
                                                                             caplog) -> None:
-    runtime, jobs = addon_module("blender.runtime"), addon_module("core.jobs")
+    running, timer = addon_module("blender.running"), addon_module("blender.timer")
+    session = running.session
     scene.cursor.location = (0, 0, 2)
-    job = jobs.Job("mug", runtime.connector(prefs), image=png_bytes(), settings={})
-    runtime.session.job, runtime.session.target = job, runtime.target_here(bpy.context, "mug", {"seed": 3})
+    job = addon_module("core.remote_job").RemoteJob("mug", session.connector(prefs.backend_plan(connecting=True)),
+                                                    request=addon_module("protocol").Generate(png_bytes()))
+    session.job, session.target = job, running.target_here(bpy.context, "mug", {"seed": 3})
     job.start()
     deadline = time.monotonic() + 10
-    while runtime.session.job is not None and time.monotonic() < deadline:
-        assert runtime.tick() in (runtime.TICK_BUSY_S, runtime.TICK_IDLE_S)
+    while session.job is not None and time.monotonic() < deadline:
+        assert timer.tick() in (timer.TICK_BUSY_S, timer.TICK_IDLE_S)
         time.sleep(0.02)
     obj = scene.objects["mug"]
     assert tuple(obj.location) == (0, 0, 2) and obj.select_get()
-    assert runtime.session.message == ("INFO", "built mug")
+    assert session.message == ("INFO", "built mug")
     assert scene.trellis2.recent[0].job_id == "job-1"
-    while runtime.backend_status(prefs).state != "connected" and time.monotonic() < deadline:
-        runtime.tick()  # the timer started the status thread and tells it where to ask
+    while session.status(prefs.backend_plan()).state != "connected" and time.monotonic() < deadline:
+        timer.tick()  # the timer started the status thread and tells it where to ask
         time.sleep(0.02)
-    assert runtime.backend_status(prefs).text == "model ready · cpu"
+    assert session.status(prefs.backend_plan()).text == "model ready · cpu"
     assert not [r for r in caplog.records if "timer" in r.getMessage()]
 
 
@@ -244,6 +252,7 @@ def test_randomise_seed_and_load_defaults(scene, prefs) -> None:
 
 
 def test_generate_is_blocked_while_a_job_runs(scene, addon) -> None:
-    addon_module("blender.runtime").session.job = addon_module("core.jobs").Job("x", lambda say: None, image=b"x")
+    addon_module("blender.running").session.job = addon_module("core.remote_job").RemoteJob(
+        "x", lambda say: None, request=addon_module("protocol").Generate(png_bytes()))
     assert not bpy.ops.trellis2.generate.poll()
     assert bpy.ops.trellis2.cancel.poll()

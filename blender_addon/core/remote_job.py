@@ -1,9 +1,10 @@
-"""One request to the backend (generate, re-process or re-import) and what the user sees of it.
+"""One job on the backend (a generate or reprocess request, or a re-import of a stored result) and what the user
+sees of it.
 
 The work (connecting, maybe starting the local backend, submitting, waiting, checking and converting the result)
 runs either in a worker thread, which hands its events to the main thread through a queue (`start` + `drain`, for
 Blender's UI, which must never block), or right on the calling thread (`run_here`, for `blender -b`, where timers
-never fire). Either way the events are handled by the same code on the thread that owns the Job, so the Job's state
+never fire). Either way the events are handled by the same code on the thread that owns the RemoteJob, so its state
 is only ever touched there. The worker owns its own protocol Client (zmq sockets must stay on one thread).
 Cancel is sent to the server, which stops the job at its next step.
 """
@@ -11,15 +12,13 @@ Cancel is sent to the server, which stops the job at its next step.
 from __future__ import annotations
 
 import queue
-import struct
 import threading
-import zlib
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from ..protocol import Accepted, Cancelled, Client, Error, Message, Progress, ProtocolError, Result
-from .backend import Say
+from ..protocol import Accepted, Cancelled, Client, Error, Message, Progress, ProtocolError, Request, Result
+from .connection import Say
 from .errors import AddonError, user_error
 from .result import MeshData, mesh_data
 
@@ -27,18 +26,6 @@ Connect = Callable[[Say], Client]  # opens a Client (starting the local backend 
 POLL_MS = 100  # how long the worker waits for a message before looking at the cancel flag again
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
-
-
-def _one_pixel_png() -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)  # 1x1, 8-bit greyscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0\0")) + chunk(b"IEND", b"")
-
-
-# A re-process rebuilds from the O-Voxel the server stored and ignores the image, but every submit carries one.
-PLACEHOLDER_IMAGE = _one_pixel_png()
 
 
 @dataclass
@@ -56,17 +43,15 @@ class JobStatus:
         return f"{self.stage.replace('_', ' ')}{steps}" + (f": {self.message}" if self.message else "")
 
 
-class Job:
-    def __init__(self, label: str, connect: Connect, *, image: bytes | None = None,
-                 settings: dict[str, Any] | None = None, fetch_job_id: str | None = None,
-                 on_event: Callable[[Job], None] | None = None) -> None:
-        """Submit `image` with `settings`, or (with `fetch_job_id`) collect a finished job's result again.
+class RemoteJob:
+    def __init__(self, label: str, connect: Connect, *, request: Request | None = None,
+                 fetch_job_id: str | None = None, on_event: Callable[[RemoteJob], None] | None = None) -> None:
+        """Submit `request`, or (with `fetch_job_id`) collect a finished job's result again.
         `on_event(job)` runs on the owning thread after every handled event (progress printing, redraws)."""
-        if (image is None) == (fetch_job_id is None):
-            raise ValueError("a Job submits an image or fetches a job id, exactly one of them")
+        if (request is None) == (fetch_job_id is None):
+            raise ValueError("a RemoteJob submits a request or fetches a job id, exactly one of them")
         self.label = label
-        self.settings = settings or {}
-        self._connect, self._image, self._fetch_job_id, self._on_event = connect, image, fetch_job_id, on_event
+        self._connect, self._request, self._fetch_job_id, self._on_event = connect, request, fetch_job_id, on_event
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
         self.state = RUNNING
@@ -135,7 +120,7 @@ class Job:
                     emit("fetching")
                     self._finish(client.fetch(self._fetch_job_id), emit)
                 else:
-                    self._finish(self._follow(client, client.submit(self._image, self.settings), emit), emit)
+                    self._finish(self._follow(client, client.submit(self._request), emit), emit)
         except Exception as exc:
             emit(user_error(exc))
 
