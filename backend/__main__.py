@@ -25,6 +25,16 @@ def _manifest(args: argparse.Namespace) -> int:
     return print_manifest(args.ckpt_json)
 
 
+def _settings(args: argparse.Namespace) -> int:
+    import json
+
+    from protocol.settings import SETTINGS
+    from protocol.settings_cli import markdown_table
+
+    print(json.dumps(SETTINGS.to_wire(), indent=1) if args.json else markdown_table(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m backend", description="TRELLIS.2 backend: models, pipeline, server.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -36,6 +46,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("manifest", help="print a model's state-dict entries [[name, shape, dtype], ...] as JSON")
     p.add_argument("ckpt_json", metavar="CKPT_JSON", help="a checkpoint JSON {name, args}")
     p.set_defaults(run=_manifest)
+
+    p = sub.add_parser("settings", help="print every job setting (name, type, default, range, requests) as a table")
+    p.add_argument("--json", action="store_true", help="the schema as the server advertises it in `info`")
+    p.set_defaults(run=_settings)
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).register(sub)

@@ -5,6 +5,7 @@ schema's help, type, choices and default, so no CLI writes a setting, a default 
 from __future__ import annotations
 
 import argparse
+import json
 from typing import Any
 
 from .settings import SETTINGS, Schema, Setting, Value
@@ -31,3 +32,12 @@ def add_setting_arguments(parser: argparse.ArgumentParser, request: str, schema:
 def given_settings(args: argparse.Namespace, request: str, schema: Schema = SETTINGS) -> dict[str, Value]:
     """The settings the user gave on the command line (unchecked: the schema checks them where they are used)."""
     return {s.name: getattr(args, s.name) for s in schema.for_request(request) if getattr(args, s.name, None) is not None}
+
+
+def markdown_table(schema: Schema = SETTINGS) -> str:
+    """The settings as a Markdown table (the docs' settings table is this output, checked by a test)."""
+    rows = ["| setting | type | default | accepts | requests | what |", "| --- | --- | --- | --- | --- | --- |"]
+    for s in schema.settings:
+        default = json.dumps(s.default)
+        rows.append(f"| `{s.name}` | {s.kind} | `{default}` | {s.describe()} | {', '.join(s.requests)} | {s.help} |")
+    return "\n".join(rows) + "\n"

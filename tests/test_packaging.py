@@ -58,3 +58,9 @@ def test_readme_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one() 
     assert len(commands) == 2
     ci = (ROOT / ".ci" / "run").read_text()
     assert commands[1] in ci and "generate" in commands[0]
+
+
+def test_the_servers_settings_table_is_the_schemas_own() -> None:
+    from protocol.settings_cli import markdown_table
+
+    assert markdown_table() in (ROOT / "backend" / "server" / "README.md").read_text()
