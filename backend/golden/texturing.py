@@ -11,8 +11,20 @@ import re
 
 import torch
 
+from backend.native import VoxelIndex
 from backend.golden.registry import Case, Check, close, exact, golden_kind
 from backend.ovoxel.voxelizer import mesh_to_flexible_dual_grid
+from backend.trellis2.checkpoint import load_weights_strict
+from backend.trellis2.sc_vae import (
+    CHANNEL_TO_SPATIAL,
+    Subdivision,
+    channel_to_spatial,
+    spatial_to_channel,
+    subdivide,
+    subdivision_of,
+)
+from backend.trellis2.sc_vae_encoder import FlexiDualGridVaeEncoder, SparseResBlockS2C3d
+from backend.trellis2.sparse import SparseTensor
 
 
 def _xyz_order(coords: torch.Tensor) -> torch.Tensor:
@@ -52,4 +64,96 @@ def mesh_to_dual_grid(case: Case) -> list[Check]:
         stem = f"out.{mesh}_g{grid_size}_"
         checks += voxel_checks(stem, grid.coords, grid.dual_vertices, grid.intersected, t,
                                (f"{stem}voxel_indices", f"{stem}dual_vertices", f"{stem}intersected"))
+    return checks
+
+
+def _parents_and_children(sub: Subdivision) -> tuple[torch.Tensor, torch.Tensor]:
+    return sub.slot // 8, sub.slot % 8
+
+
+@golden_kind("sparse_spatial2channel")
+def spatial2channel(case: Case) -> list[Check]:
+    t = case.tensors
+    x = SparseTensor(t["in.feats"], t["in.coords"])
+    y = spatial_to_channel(x)
+    sub = y.cache[CHANNEL_TO_SPATIAL]
+    parent, child = _parents_and_children(sub)
+    occupancy = torch.zeros(y.coords.shape[0] * 8, dtype=torch.bool)
+    occupancy[sub.slot] = True
+    fresh = SparseTensor(t["in.coarse_feats"], y.coords.clone())  # no recorded hierarchy: guided by occupancy
+    guided = channel_to_spatial(fresh, subdivision_of(fresh, occupancy.reshape(-1, 8)))
+    cached = channel_to_spatial(y.replace(t["in.coarse_feats"]), subdivision_of(y, None))
+    return [
+        exact("out.s2c_coords", y.coords, t["out.s2c_coords"]),
+        close("out.s2c_feats", y.feats, t["out.s2c_feats"]),
+        exact("out.cache_parent_idx", parent, t["out.cache_parent_idx"]),
+        exact("out.cache_child_idx", child, t["out.cache_child_idx"]),
+        exact("out.cache_fine_coords", sub.coords, t["out.cache_fine_coords"]),
+        exact("out.c2s_cache_coords", cached.coords, t["out.c2s_cache_coords"]),
+        close("out.c2s_cache_feats", cached.feats, t["out.c2s_cache_feats"]),
+        close("out.roundtrip_feats", channel_to_spatial(y, sub).feats, t["out.roundtrip_feats"]),
+        exact("out.child_occupancy", occupancy.reshape(-1, 8), t["out.child_occupancy"]),
+        exact("out.c2s_guided_coords", guided.coords, t["out.c2s_guided_coords"]),
+        close("out.c2s_guided_feats", guided.feats, t["out.c2s_guided_feats"]),
+    ]
+
+
+def hierarchy_levels(latent: SparseTensor) -> list[tuple[torch.Tensor, Subdivision]]:
+    """(coarse coords, Subdivision) of every level recorded on an encoder latent, finest level first."""
+    levels, coords, cache = [], latent.coords, latent.cache
+    while CHANNEL_TO_SPATIAL in cache:
+        sub = cache[CHANNEL_TO_SPATIAL]
+        levels.append((coords, sub))
+        coords, cache = sub.coords, sub.cache
+    return levels[::-1]
+
+
+def occupancy_guides(latent: SparseTensor) -> list[SparseTensor]:
+    """Subdivision logits (+1 keep, -1 drop) that make a decoder without the recorded hierarchy reach the same
+    voxels (what a cache-less re-implementation passes as guide_subs). Each level's guide is on the rows in the
+    order the guided decoder visits them: parent-major, children by increasing index."""
+    guides, coords = [], latent.coords
+    for _, sub in reversed(hierarchy_levels(latent)):  # coarsest level first
+        children = subdivide(coords, torch.ones(coords.shape[0], 8, dtype=torch.bool))[1]
+        keep = (VoxelIndex(sub.coords).lookup(children) >= 0).reshape(-1, 8)
+        guides.append(SparseTensor(torch.where(keep, 1.0, -1.0), coords))
+        coords = subdivide(coords, keep)[1]
+    return guides
+
+
+@golden_kind("shape_encoder_forward")
+def shape_encoder(case: Case) -> list[Check]:
+    t = case.tensors
+    encoder = FlexiDualGridVaeEncoder(**case.meta["args"])
+    load_weights_strict(encoder, case.weights, f"{case.path}/weights.safetensors")
+    encoder.eval()
+    block_outputs: list[torch.Tensor] = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: block_outputs.append(out.feats))
+             for m in encoder.modules() if isinstance(m, SparseResBlockS2C3d)]
+    coords = t["in.coords"]
+    with torch.no_grad():
+        mean, logvar = encoder.encode_dual_grid(SparseTensor(t["in.vertices_local"], coords),
+                                                SparseTensor(t["in.intersected"].bool(), coords))
+    for hook in hooks:
+        hook.remove()
+    checks = [
+        exact("out.z_coords", mean.coords, t["out.z_coords"]),
+        close("out.z", mean.feats, t["out.z"]),
+        close("out.mean", mean.feats, t["out.mean"]),
+        close("out.logvar", logvar.feats, t["out.logvar"]),
+    ]
+    levels = hierarchy_levels(mean)
+    for level, ((coarse, sub), block_out) in enumerate(zip(levels, block_outputs), start=1):
+        parent, child = _parents_and_children(sub)
+        stem = f"out.s2c{level}_"
+        checks += [
+            exact(f"{stem}coarse_coords", coarse, t[f"{stem}coarse_coords"]),
+            exact(f"{stem}fine_coords", sub.coords, t[f"{stem}fine_coords"]),
+            exact(f"{stem}parent_idx", parent, t[f"{stem}parent_idx"]),
+            exact(f"{stem}child_idx", child, t[f"{stem}child_idx"]),
+            close(f"{stem}block_out", block_out, t[f"{stem}block_out"]),
+        ]
+    expected = len({k for k in t if k.endswith("_block_out")})
+    if len(levels) != expected:
+        checks.append(Check("out.s2c*", float("inf"), False, f"{len(levels)} levels recorded, case has {expected}"))
     return checks

@@ -32,6 +32,7 @@ MODEL_CLASSES = {
     "SparseStructureDecoder": "backend.trellis2.ss_decoder:SparseStructureDecoder",
     "SparseUnetVaeDecoder": "backend.trellis2.sc_vae:SparseUnetVaeDecoder",
     "FlexiDualGridVaeDecoder": "backend.trellis2.sc_vae:FlexiDualGridVaeDecoder",
+    "FlexiDualGridVaeEncoder": "backend.trellis2.sc_vae_encoder:FlexiDualGridVaeEncoder",
 }
 
 
