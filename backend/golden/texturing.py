@@ -11,10 +11,13 @@ import re
 
 import torch
 
-from backend.native import VoxelIndex
+from backend.asset.glb import y_up_to_z_up
 from backend.golden.registry import Case, Check, close, exact, golden_kind
+from backend.native import VoxelIndex
+from backend.ovoxel.encode import normalize_to_unit_cube
 from backend.ovoxel.voxelizer import mesh_to_flexible_dual_grid
-from backend.trellis2.checkpoint import load_weights_strict
+from backend.trellis2.checkpoint import build_model, load_weights_strict
+from backend.trellis2.sampler import SamplerParams
 from backend.trellis2.sc_vae import (
     CHANNEL_TO_SPATIAL,
     Subdivision,
@@ -25,6 +28,8 @@ from backend.trellis2.sc_vae import (
 )
 from backend.trellis2.sc_vae_encoder import FlexiDualGridVaeEncoder, SparseResBlockS2C3d
 from backend.trellis2.sparse import SparseTensor
+from backend.trellis2.stages import SAMPLER, Normalization, sample_texture_slat, seeded_noise
+from backend.trellis2.texturing import decode_texture, encode_shape, voxelize
 
 
 def _xyz_order(coords: torch.Tensor) -> torch.Tensor:
@@ -156,4 +161,65 @@ def shape_encoder(case: Case) -> list[Check]:
     expected = len({k for k in t if k.endswith("_block_out")})
     if len(levels) != expected:
         checks.append(Check("out.s2c*", float("inf"), False, f"{len(levels)} levels recorded, case has {expected}"))
+    return checks
+
+
+@golden_kind("texturing_pipeline_glue")
+def texturing_glue(case: Case) -> list[Check]:
+    """The texturing stages replayed one by one, each from the reference's recorded input: mesh preprocessing,
+    voxelisation, encoding, normalisation, the seeded noise, the texture sampler, decoding on the encoder's
+    hierarchy; then the cache-less decoder path with occupancy guides."""
+    meta, t = case.meta, case.tensors
+    models = {}
+    for key, prefix in (("shape_slat_encoder", "enc."), ("tex_slat_flow_model_1024", "flow."),
+                        ("tex_slat_decoder", "dec.")):
+        cfg = meta["models"][key]
+        model = build_model({"name": cfg["class_name"], "args": cfg["args"]})
+        load_weights_strict(model, case.weights_with_prefix(prefix), f"{case.path}/weights.safetensors[{key}]")
+        models[key] = model.eval()
+    resolution = meta["resolution"]
+    shape_norm = Normalization(t["in.shape_mean"], t["in.shape_std"])
+    tex_norm = Normalization(t["in.tex_mean"], t["in.tex_std"])
+    params = SamplerParams().merged(meta["pipeline_args"]["tex_slat_sampler_params"])
+    cond = t["in.cond"]
+    checks = []
+
+    normalized = normalize_to_unit_cube(y_up_to_z_up(t["in.mesh_vertices"].numpy()))[0]
+    checks.append(close("out.pre_vertices", torch.from_numpy(normalized), t["out.pre_vertices"]))
+    with torch.no_grad():
+        grid = voxelize(t["out.pre_vertices"].numpy(), t["in.mesh_faces"].numpy(), resolution, torch.device("cpu"))
+        checks += voxel_checks("out.dual_", grid.coords, grid.dual_vertices, grid.intersected, t,
+                               ("out.dual_voxel_indices", "out.dual_vertices", "out.dual_intersected"))
+        shape_slat = encode_shape(models["shape_slat_encoder"], grid)
+        checks.append(exact("out.shape_slat_coords", shape_slat.coords, t["out.shape_slat_coords"]))
+        checks.append(close("out.shape_slat", shape_slat.feats, t["out.shape_slat"]))
+
+        recorded = shape_slat.replace(t["out.shape_slat"])  # the reference's latent, on our hierarchy
+        concat = shape_norm.normalize(recorded)
+        checks.append(close("out.shape_slat_normalised", concat.feats, t["out.shape_slat_normalised"]))
+        flow = models["tex_slat_flow_model_1024"]
+        noise = seeded_noise(meta["seed"])((recorded.feats.shape[0], flow.in_channels - recorded.feats.shape[1]))
+        checks.append(exact("out.noise_recorded(bits)", noise.view(torch.int32), t["out.noise_recorded"].view(torch.int32)))
+        trajectory = SAMPLER.sample(flow, recorded.replace(noise), cond, torch.zeros_like(cond), params, record=True,
+                                    concat_cond=concat)
+        for i in range(params.steps):
+            checks.append(close(f"out.pred_x_t_{i}", trajectory.x_prev[i].feats, t[f"out.pred_x_t_{i}"]))
+            checks.append(close(f"out.pred_x_0_{i}", trajectory.pred_x0[i].feats, t[f"out.pred_x_0_{i}"]))
+        tex_slat = sample_texture_slat(flow, cond, recorded, params, shape_norm, tex_norm, seeded_noise(meta["seed"]))
+        checks.append(exact("out.tex_slat_coords", tex_slat.coords, t["out.tex_slat_coords"]))
+        checks.append(close("out.tex_slat", tex_slat.feats, t["out.tex_slat"]))
+
+        pbr = decode_texture(models["tex_slat_decoder"], recorded.replace(t["out.tex_slat"]))
+        checks.append(exact("out.pbr_coords", pbr.coords, t["out.pbr_coords"]))
+        checks.append(close("out.pbr_feats", pbr.feats, t["out.pbr_feats"]))
+
+        guides = occupancy_guides(recorded)
+        for i, guide in enumerate(guides):
+            checks.append(exact(f"out.guide_coords_{i}", guide.coords, t[f"out.guide_coords_{i}"]))
+            checks.append(exact(f"out.guide_occupancy_{i}", guide.feats > 0, t[f"out.guide_occupancy_{i}"]))
+        fresh = SparseTensor(t["out.tex_slat"], t["out.tex_slat_coords"])  # no recorded hierarchy
+        guided = models["tex_slat_decoder"](fresh, guide_subs=guides)
+    ours, theirs = _xyz_order(guided.coords), _xyz_order(t["out.pbr_coords"])
+    checks.append(exact("guided.voxel_set", guided.coords[ours], t["out.pbr_coords"][theirs]))
+    checks.append(close("guided.pbr_feats", guided.feats[ours] * 0.5 + 0.5, t["out.pbr_feats"][theirs]))
     return checks

@@ -205,12 +205,8 @@ class Trellis2Pipeline:
             pt = PIPELINE_TYPES[name]
             names += [m for m in (*pt.shape_models, pt.tex_model) if m not in names]
         models = load_pipeline_models(weights, names, "cpu", config)
-        cond_name = args["image_cond_model"]["args"]["model_name"]
-        local_cond = Path(weights) / cond_name
-        conditioner = DinoV3Conditioner.from_pretrained(str(local_cond) if local_cond.exists() else cond_name)
-        if remover is None:
-            rembg_args = args.get("rembg_model", {}).get("args", {})
-            remover = LazyRemover(str(Path(weights) / rembg_args["model_path"]) if "model_path" in rembg_args else None)
+        conditioner = DinoV3Conditioner.for_pipeline(weights, args)
+        remover = remover or LazyRemover.for_pipeline(weights, args)
         offload = choose_offload(memory, device, model_bytes(models))
         log.info("device %s, %s", device, "offloading models between stages" if offload else "all models resident")
         store = ModelStore(models, device, offload)

@@ -14,7 +14,7 @@ from backend.trellis2.sc_vae import SparseUnetVaeDecoder, spatial_to_channel
 from backend.trellis2.sc_vae_encoder import FlexiDualGridVaeEncoder
 from backend.trellis2.sparse import SparseTensor
 
-GOLDEN_CASES = ["mesh_to_dual_grid_a", "spatial2channel_a", "shape_encoder_a"]
+GOLDEN_CASES = ["mesh_to_dual_grid_a", "spatial2channel_a", "shape_encoder_a", "texturing_glue_a"]
 ENCODER = dict(model_channels=[8, 16, 16], latent_channels=4, num_blocks=[0, 1, 1],
                block_type=["SparseConvNeXtBlock3d"] * 3, down_block_type=["SparseResBlockS2C3d"] * 2)
 DECODER = dict(out_channels=6, model_channels=[16, 16, 8], latent_channels=4, num_blocks=[1, 1, 0],
