@@ -477,8 +477,7 @@ def solve_box_qef(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
     to the box's 6 faces (2x2 QR), 12 edges and 8 corners, scored by p^T Q p and enumerated in the reference's
     order (the first of equal errors wins).
     """
-    x = torch.stack(_qr_solve([[q[:, i, j] for j in range(3)] for i in range(3)], [-q[:, i, 3] for i in range(3)]),
-                    dim=1)
+    x = _qr_solve(q[:, :3, :3], -q[:, :3, 3])
     out = ~((x >= lo) & (x <= hi)).all(dim=1)
     if not bool(out.any()):
         return x
@@ -491,7 +490,7 @@ def solve_box_qef(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
         a1, a2 = (fixed + 1) % 3, (fixed + 2) % 3
         for bound in (lo[:, fixed], hi[:, fixed]):
             rhs = [-q[:, a, fixed] * bound + -q[:, a, 3] * one for a in (a1, a2)]
-            s1, s2 = _qr_solve([[q[:, a1, a1], q[:, a1, a2]], [q[:, a2, a1], q[:, a2, a2]]], rhs)
+            s1, s2 = _qr_solve(q[:, [a1, a2]][:, :, [a1, a2]], torch.stack(rhs, dim=1)).unbind(1)
             p = torch.empty(m, 3, dtype=q.dtype, device=q.device)
             p[:, fixed], p[:, a1], p[:, a2] = bound, s1, s2
             cands.append(p)
@@ -520,87 +519,68 @@ def solve_box_qef(q: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.
     return x
 
 
-@dataclass
-class _Reflector:
-    """One Householder reflection H = I - tau v v^T, v = (1, essential), as Eigen's makeHouseholder makes it."""
-
-    apply_mask: torch.Tensor  # False where the column's tail was zero (tau = 0: H is the identity)
-    beta: torch.Tensor
-    essential: list[torch.Tensor]
-    tau: torch.Tensor
-
-    @classmethod
-    def of(cls, c0: torch.Tensor, tail: list[torch.Tensor]) -> _Reflector:
-        if not tail:
-            return cls(torch.zeros_like(c0, dtype=torch.bool), c0, [], torch.zeros_like(c0))
-        tail_sq = _running_sum([t * t for t in tail])
-        mask = tail_sq > torch.finfo(torch.float32).tiny
-        beta = _sqrt32(c0 * c0 + tail_sq)
-        beta = torch.where(c0 >= 0, -beta, beta)
-        essential = [t / (c0 - beta) for t in tail]
-        return cls(mask, torch.where(mask, beta, c0), essential, (beta - c0) / beta)
-
-    def apply(self, column: list[torch.Tensor]) -> list[torch.Tensor]:
-        """H column, as Eigen's applyHouseholderOnTheLeft: tmp = v.column; top -= tau tmp; rest -= (tau v) tmp."""
-        if not self.essential:
-            return column
-        top, bottom = column[0], column[1:]
-        tmp = _running_sum([e * b for e, b in zip(self.essential, bottom)]) + top
-        out = [top - self.tau * tmp] + [b - (self.tau * e) * tmp for e, b in zip(self.essential, bottom)]
-        return [torch.where(self.apply_mask, new, old) for new, old in zip(out, column)]
-
-
-def _qr_solve(a: list[list[torch.Tensor]], b: list[torch.Tensor]) -> list[torch.Tensor]:
-    """x with A x = b for batched float32 2x2 or 3x3 systems (a[i][j], b[i]: [M]), exactly as Eigen 3.4's
+def _qr_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x [M, n] with A x = b for batched float32 2x2 or 3x3 systems (a [M, n, n], b [M, n]), exactly as Eigen 3.4's
     ColPivHouseholderQR<Matrix{2,3}f>::solve computes it: columns pivoted by (down-dated) norm, Householder
-    reflections, back substitution, pivots undone. Its rank cut-off for near-singular systems is not modelled:
-    the regularisation keeps the QEFs far from singular."""
-    n = len(b)
-    a = [list(row) for row in a]
-    direct = [_sqrt32(_unrolled_sum([a[i][j] * a[i][j] for i in range(n)])) for j in range(n)]
-    updated = list(direct)
-    perm = [torch.full_like(b[0], j, dtype=torch.long) for j in range(n)]
+    reflections (makeHouseholder / applyHouseholderOnTheLeft), back substitution, pivots undone. Its rank cut-off
+    for near-singular systems is not modelled: the regularisation keeps the QEFs far from singular."""
+    m, n = b.shape
+    rows = torch.arange(m, device=b.device)
+    a = a.clone()
+    c = b.clone()
+    direct = _sqrt32(_unrolled_sum([a[:, i] * a[:, i] for i in range(n)]))  # [M, n] column norms
+    updated = direct.clone()
+    perm = torch.arange(n, device=b.device).expand(m, n).clone()
     threshold = math.sqrt(torch.finfo(torch.float32).eps)
     reflectors = []
     for k in range(n):
-        pick, best = torch.full_like(perm[0], k), updated[k]
-        for j in range(k + 1, n):
-            better = updated[j] > best
-            pick, best = torch.where(better, j, pick), torch.where(better, updated[j], best)
-        for j in range(k + 1, n):
-            swap = pick == j
-            for row in a:
-                row[k], row[j] = torch.where(swap, row[j], row[k]), torch.where(swap, row[k], row[j])
-            for values in (updated, direct, perm):
-                values[k], values[j] = torch.where(swap, values[j], values[k]), torch.where(swap, values[k], values[j])
-        h = _Reflector.of(a[k][k], [a[i][k] for i in range(k + 1, n)])
-        a[k][k] = h.beta
-        reflectors.append(h)
-        for j in range(k + 1, n):
-            for i, value in zip(range(k, n), h.apply([a[i][j] for i in range(k, n)])):
-                a[i][j] = value
-        for j in range(k + 1, n):  # LAPACK-style norm down-date, recomputed when it has lost accuracy
-            ratio = a[k][j].abs() / updated[j]
-            ratio = ((1 + ratio) * (1 - ratio)).clamp_min(0)
-            scale = updated[j] / direct[j]
-            stale = ratio * (scale * scale) <= threshold
-            fresh = _sqrt32(_running_sum([a[i][j] * a[i][j] for i in range(k + 1, n)]))
-            live = updated[j] != 0
-            direct[j] = torch.where(live & stale, fresh, direct[j])
-            updated[j] = torch.where(live, torch.where(stale, fresh, updated[j] * _sqrt32(ratio)), updated[j])
-    c = list(b)
+        pick = k + updated[:, k:].argmax(dim=1)  # the first of equal maxima, as Eigen's maxCoeff
+        swap = torch.arange(n, device=b.device).expand(m, n).clone()
+        swap[rows, k], swap[rows, pick] = pick, k
+        a = a.gather(2, swap.unsqueeze(1).expand(m, n, n))
+        updated, direct, perm = updated.gather(1, swap), direct.gather(1, swap), perm.gather(1, swap)
+        c0, tail = a[:, k, k], a[:, k + 1:, k]
+        if tail.shape[1] == 0:  # the last column: no reflection (tau = 0)
+            reflectors.append(None)
+            break
+        tail_sq = _running_sum([tail[:, i] * tail[:, i] for i in range(tail.shape[1])])
+        reflect = tail_sq > torch.finfo(torch.float32).tiny
+        beta = _sqrt32(c0 * c0 + tail_sq)
+        beta = torch.where(c0 >= 0, -beta, beta)
+        essential = tail / (c0 - beta).unsqueeze(1)
+        tau = (beta - c0) / beta
+        reflectors.append((reflect, essential, tau))
+        a[:, k, k] = torch.where(reflect, beta, c0)
+        a[:, k:, k + 1:] = _reflect(a[:, k:, k + 1:], reflect, essential, tau)
+        ratio = a[:, k, k + 1:].abs() / updated[:, k + 1:]  # LAPACK-style norm down-date of the other columns
+        ratio = ((1 + ratio) * (1 - ratio)).clamp_min(0)
+        scale = updated[:, k + 1:] / direct[:, k + 1:]
+        stale = ratio * (scale * scale) <= threshold
+        below = a[:, k + 1:, k + 1:]
+        fresh = _sqrt32(_running_sum([below[:, i] * below[:, i] for i in range(below.shape[1])]))
+        live = updated[:, k + 1:] != 0
+        direct[:, k + 1:] = torch.where(live & stale, fresh, direct[:, k + 1:])
+        updated[:, k + 1:] = torch.where(live, torch.where(stale, fresh, updated[:, k + 1:] * _sqrt32(ratio)),
+                                         updated[:, k + 1:])
     for k, h in enumerate(reflectors):
-        c[k:] = h.apply(c[k:])
-    x: list[torch.Tensor] = [c[0]] * n
+        if h is not None:
+            c[:, k:] = _reflect(c[:, k:].unsqueeze(2), *h).squeeze(2)
+    x = torch.empty_like(c)
     for i in range(n - 1, -1, -1):
-        x[i] = torch.where(c[i] != 0, c[i] / a[i][i], c[i])
-        for r in range(i):
-            c[r] = c[r] - x[i] * a[r][i]
-    out = [torch.zeros_like(c[0]) for _ in range(n)]
-    for i in range(n):
-        for j in range(n):
-            out[j] = torch.where(perm[i] == j, x[i], out[j])
-    return out
+        x[:, i] = torch.where(c[:, i] != 0, c[:, i] / a[:, i, i], c[:, i])
+        c[:, :i] = c[:, :i] - x[:, i:i + 1] * a[:, :i, i]
+    return torch.empty_like(x).scatter_(1, perm, x)
+
+
+def _reflect(block: torch.Tensor, mask: torch.Tensor, essential: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    """Eigen's applyHouseholderOnTheLeft on block [M, r, c] (row 0 on the reflector's pivot): tmp = v . column,
+    top -= tau tmp, rest -= (tau v) tmp, with v = (1, essential); rows where `mask` is False stay (tau = 0)."""
+    top, bottom = block[:, 0], block[:, 1:]
+    tmp = _running_sum([essential[:, i:i + 1] * bottom[:, i] for i in range(bottom.shape[1])]) + top
+    new_top = top - tau.unsqueeze(1) * tmp
+    new_bottom = bottom - (tau.unsqueeze(1) * essential).unsqueeze(2) * tmp.unsqueeze(1)
+    out = torch.cat([new_top.unsqueeze(1), new_bottom], dim=1)
+    return torch.where(mask.view(-1, 1, 1), out, block)
 
 
 def _unrolled_sum(terms: list[torch.Tensor]) -> torch.Tensor:
