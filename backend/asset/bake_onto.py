@@ -144,13 +144,12 @@ def textured_mesh(mesh: UserMesh, baked: BakedTextures) -> TexturedMesh:
     corner_vertex = faces.reshape(-1)
     corner_uv = baked.uvs.reshape(-1, 2)
     num = mesh.positions.shape[0]
-    first = np.full(num, -1, dtype=np.int64)
-    first[corner_vertex[::-1]] = np.arange(corner_vertex.size)[::-1]  # lowest corner of each vertex
+    used, first = np.unique(corner_vertex, return_index=True)  # each used vertex's first corner
     uv = np.zeros((num, 2), dtype=np.float32)
-    used = first >= 0
-    uv[used] = corner_uv[first[used]]
+    uv[used] = corner_uv[first]
     seam = (corner_uv != uv[corner_vertex]).any(axis=1)
-    key = np.stack([corner_vertex[seam], corner_uv[seam].view(np.int32)[:, 0], corner_uv[seam].view(np.int32)[:, 1]], 1)
+    bits = corner_uv[seam].view(np.int32)
+    key = np.stack([corner_vertex[seam], bits[:, 0], bits[:, 1]], axis=1)
     extra, slot = np.unique(key, axis=0, return_inverse=True)
     index = corner_vertex.copy()
     index[seam] = num + slot.reshape(-1)
