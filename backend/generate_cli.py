@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.asset.cli import add_asset_arguments, asset_settings
@@ -56,11 +57,7 @@ def _sampler_overrides(raw: str | None, name: str) -> dict:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from backend.trellis2.background import BackgroundModelError, LazyRemover
-    from backend.trellis2.checkpoint import CheckpointError
-    from backend.trellis2.image_cond import DinoV3LoadError
     from backend.trellis2.pipeline import Trellis2Pipeline
-    from backend.trellis2.preprocess import ImageInputError
 
     output = args.output or args.image.with_suffix(".glb")
     if not args.image.is_file():
@@ -78,20 +75,42 @@ def run_generate(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    progress = ProgressLine()
-    try:
-        print(f"loading weights from {args.weights} ...", file=sys.stderr)
-        remover = LazyRemover(args.rembg) if args.rembg else None
-        pipeline = Trellis2Pipeline.from_pretrained(args.weights, device=args.device, memory=args.memory,
-                                                    remover=remover)
+    progress = ProgressLine(sys.stderr)
+
+    def work() -> int:
+        pipeline = load_pipeline(Trellis2Pipeline, args)
         ovoxel = pipeline.run(args.image, settings, progress)
         progress.done(f"generated {ovoxel.coords.shape[0]} voxels, {ovoxel.faces.shape[0]} faces "
                       f"at {ovoxel.resolution}^3 in {progress.elapsed():.1f}s")
         return _write(ovoxel, output, asset, progress)
+
+    return run_reported(work, progress)
+
+
+def load_pipeline(cls, args: argparse.Namespace):
+    """`cls.from_pretrained` with the command line's --weights, --device, --memory and --rembg, announced."""
+    from backend.trellis2.background import LazyRemover
+
+    print(f"loading weights from {args.weights} ...", file=sys.stderr)
+    remover = LazyRemover(args.rembg) if args.rembg else None
+    return cls.from_pretrained(args.weights, device=args.device, memory=args.memory, remover=remover)
+
+
+def run_reported(work: Callable[[], int], progress: ProgressLine) -> int:
+    """Run a command's work under its progress line: Ctrl-C cancels (exit 130, nothing written); a failure the user
+    can act on (weights, DINOv3, image, mesh, pipeline) is one line with its fix (exit 1), no traceback."""
+    from backend.ovoxel.user_mesh import MeshInputError
+    from backend.trellis2.background import BackgroundModelError
+    from backend.trellis2.checkpoint import CheckpointError
+    from backend.trellis2.image_cond import DinoV3LoadError
+    from backend.trellis2.preprocess import ImageInputError
+
+    try:
+        return work()
     except KeyboardInterrupt:
         progress.done("cancelled; nothing was written")
         return 130
-    except (CheckpointError, DinoV3LoadError, ImageInputError, BackgroundModelError) as exc:
+    except (CheckpointError, DinoV3LoadError, ImageInputError, BackgroundModelError, MeshInputError) as exc:
         progress.done(f"error: {exc}")
         return 1
     except PipelineError as exc:

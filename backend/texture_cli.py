@@ -18,9 +18,9 @@ import numpy as np
 
 from backend.asset.cli import CliError, load_mesh_parts, up_axis
 from backend.asset.textured_mesh import AssetSettings
-from backend.generate_cli import ProgressLine
-from backend.ovoxel.user_mesh import MeshInputError, UserMesh
-from backend.trellis2.pipeline import DEFAULT_WEIGHTS, PipelineError
+from backend.generate_cli import ProgressLine, load_pipeline, run_reported
+from backend.ovoxel.user_mesh import UserMesh
+from backend.trellis2.pipeline import DEFAULT_WEIGHTS
 from backend.trellis2.texturing import RESOLUTIONS, TexturingSettings
 
 
@@ -79,10 +79,6 @@ def _settings(args: argparse.Namespace) -> tuple[TexturingSettings, AssetSetting
 def run_texture(args: argparse.Namespace) -> int:
     from backend.asset.bake_onto import bake_onto, textured_mesh
     from backend.asset.glb import write_glb
-    from backend.trellis2.background import LazyRemover
-    from backend.trellis2.checkpoint import CheckpointError
-    from backend.trellis2.image_cond import DinoV3LoadError
-    from backend.trellis2.preprocess import ImageInputError
     from backend.trellis2.texturing import TexturingPipeline
 
     output = args.output or args.mesh.with_suffix(".textured.glb")
@@ -99,23 +95,14 @@ def run_texture(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     progress = ProgressLine(sys.stderr)
-    try:
-        print(f"loading weights from {args.weights} ...", file=sys.stderr)
-        remover = LazyRemover(args.rembg) if args.rembg else None
-        pipeline = TexturingPipeline.from_pretrained(args.weights, device=args.device, memory=args.memory,
-                                                     remover=remover)
+
+    def work() -> int:
+        pipeline = load_pipeline(TexturingPipeline, args)
         voxels = pipeline.texture(mesh, args.image, texturing, progress)
         baked = bake_onto(mesh, voxels, asset, progress)
         write_glb(textured_mesh(mesh, baked), output)
         progress.done(f"wrote {output}: {len(mesh.faces)} faces, {asset.texture_size}^2 textures, "
                       f"UVs {baked.metadata['uvs']}, in {progress.elapsed():.1f}s")
         return 0
-    except KeyboardInterrupt:
-        progress.done("cancelled; nothing was written")
-        return 130
-    except (CheckpointError, DinoV3LoadError, ImageInputError, MeshInputError) as exc:
-        progress.done(f"error: {exc}")
-        return 1
-    except PipelineError as exc:
-        progress.done(f"error: {exc.message}\nhint: {exc.hint}")
-        return 1
+
+    return run_reported(work, progress)

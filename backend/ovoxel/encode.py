@@ -82,21 +82,14 @@ def encode_mesh(
     parts: SurfaceMesh | Sequence[SurfaceMesh],
     resolution: int,
     *,
-    face_weight: float = 1.0,
-    boundary_weight: float = 0.2,
-    regularization_weight: float = 1e-2,
     progress: ProgressCallback | None = None,
     metadata: dict | None = None,
 ) -> OVoxel:
-    """Encode a (multi-part) mesh into an O-Voxel at `resolution`, with its decoded dual-grid mesh filled in.
-
-    Weights default to the reference's data-preparation values (face 1.0, boundary 0.2, regularisation 1e-2).
-    """
+    """Encode a (multi-part) mesh into an O-Voxel at `resolution`, with its decoded dual-grid mesh filled in."""
     parts = [parts] if isinstance(parts, SurfaceMesh) else list(parts)
     report = progress or (lambda stage, step, total: None)
     vertices, faces, part_of_face = _concatenate(parts)
-    grid = mesh_to_dual_grid(vertices, faces, resolution, face_weight=face_weight, boundary_weight=boundary_weight,
-                             regularization_weight=regularization_weight, progress=report)
+    grid = mesh_to_dual_grid(vertices, faces, resolution, progress=report)
     report("attributes", 0, 1)
     attrs = _voxel_attributes(parts, vertices, faces, part_of_face, grid, resolution)
     report("attributes", 1, 1)
@@ -140,24 +133,20 @@ def mesh_to_dual_grid(
     faces: np.ndarray,
     resolution: int,
     *,
-    face_weight: float = 1.0,
-    boundary_weight: float = 0.2,
-    regularization_weight: float = 1e-2,
     progress: ProgressCallback | None = None,
 ) -> DualGrid:
     """Voxels, dual vertices, edge flags and split weights of a triangle mesh inside [-0.5, 0.5]^3.
 
-    The reference voxeliser (`voxelizer.py`, bit for bit) run on the vertices nudged by JITTER; rows are then
-    sorted by (x, y, z) and the dual vertices clamped to their voxel, as the reference's training data stores them.
+    The reference voxeliser (`voxelizer.py`, bit for bit, with the reference's data-preparation weights) run on the
+    vertices nudged by JITTER; rows are then sorted by (x, y, z) and the dual vertices clamped to their voxel, as
+    the reference's training data stores them.
     (The texturing pipeline calls the voxeliser itself, without the nudge, to match the reference exactly.)
     """
     report = progress or (lambda stage, step, total: None)
     report("voxelize", 0, 1)
     nudged = (np.asarray(vertices, dtype=np.float64) + JITTER).astype(np.float32)
-    grid = mesh_to_flexible_dual_grid(torch.from_numpy(nudged),
-                                      torch.from_numpy(np.ascontiguousarray(faces)), resolution,
-                                      face_weight=face_weight, boundary_weight=boundary_weight,
-                                      regularization_weight=regularization_weight)
+    grid = mesh_to_flexible_dual_grid(torch.from_numpy(nudged), torch.from_numpy(np.ascontiguousarray(faces)),
+                                      resolution)
     report("voxelize", 1, 1)
     coords = grid.coords.long().numpy()
     order = np.lexsort((coords[:, 2], coords[:, 1], coords[:, 0]))

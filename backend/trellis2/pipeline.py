@@ -125,6 +125,15 @@ class ModelStore:
             for model in models.values():
                 model.to(device)
 
+    @classmethod
+    def placed(cls, models: dict[str, nn.Module], device: str | torch.device | None, memory: str) -> ModelStore:
+        """The models on `device` (default: CUDA if there is one), resident or offloaded as the memory mode decides
+        (see `choose_offload`)."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        offload = choose_offload(memory, device, model_bytes(models))
+        log.info("device %s, %s", device, "offloading models between stages" if offload else "all models resident")
+        return cls(models, device, offload)
+
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[nn.Module]:
         model = self.models[name]
@@ -173,8 +182,7 @@ class Trellis2Pipeline:
         self.sampler_params = {
             stage: SamplerParams().merged(args[key]["params"]) for stage, key in STAGE_SAMPLERS.items()
         }
-        self.shape_norm = Normalization.from_config(args["shape_slat_normalization"])
-        self.tex_norm = Normalization.from_config(args["tex_slat_normalization"])
+        self.shape_norm, self.tex_norm = Normalization.of_latents(args)
 
     @classmethod
     def from_pretrained(
@@ -193,7 +201,6 @@ class Trellis2Pipeline:
         from backend.trellis2.background import LazyRemover
         from backend.trellis2.image_cond import DinoV3Conditioner
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config = read_pipeline_config(weights)
         args = config["args"]
         stems = args["models"]
@@ -207,10 +214,8 @@ class Trellis2Pipeline:
         models = load_pipeline_models(weights, names, "cpu", config)
         conditioner = DinoV3Conditioner.for_pipeline(weights, args)
         remover = remover or LazyRemover.for_pipeline(weights, args)
-        offload = choose_offload(memory, device, model_bytes(models))
-        log.info("device %s, %s", device, "offloading models between stages" if offload else "all models resident")
-        store = ModelStore(models, device, offload)
-        conditioner.to(device)
+        store = ModelStore.placed(models, device, memory)
+        conditioner.to(store.device)
         return cls(config, store, conditioner, remover, {k: PIPELINE_TYPES[k] for k in wanted_types})
 
     # ------------------------------------------------------------------------------------------- running

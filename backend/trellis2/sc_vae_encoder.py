@@ -83,18 +83,9 @@ class SparseUnetVaeEncoder(nn.Module):
 class FlexiDualGridVaeEncoder(SparseUnetVaeEncoder):
     """The shape encoder: SparseUnetVaeEncoder on the 6 dual-grid channels."""
 
-    def __init__(
-        self,
-        model_channels: list[int],
-        latent_channels: int,
-        num_blocks: list[int],
-        block_type: list[str],
-        down_block_type: list[str],
-        block_args: list[dict[str, Any]] | None = None,
-        use_fp16: bool = False,
-    ) -> None:
-        super().__init__(6, model_channels, latent_channels, num_blocks, block_type, down_block_type, block_args,
-                         use_fp16)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        """The SparseUnetVaeEncoder arguments after in_channels (model_channels, latent_channels, ...)."""
+        super().__init__(6, *args, **kwargs)
 
     def encode_dual_grid(self, vertices: SparseTensor, intersected: SparseTensor) -> tuple[SparseTensor, SparseTensor]:
         """(mean, logvar) of a dual grid: vertices [N, 3] in voxel units from each voxel's min corner, edge flags

@@ -24,7 +24,6 @@ memory modes (`ModelStore`); `progress(stage, step, total)` reports the stages o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -39,19 +38,10 @@ from backend.ovoxel.ovoxel import OVoxel
 from backend.ovoxel.user_mesh import UserMesh
 from backend.ovoxel.voxelizer import FlexibleDualGrid, mesh_to_flexible_dual_grid
 from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
-from backend.trellis2.pipeline import (
-    DEFAULT_WEIGHTS,
-    ModelStore,
-    PipelineError,
-    ProgressCallback,
-    choose_offload,
-    model_bytes,
-)
+from backend.trellis2.pipeline import DEFAULT_WEIGHTS, ModelStore, PipelineError, ProgressCallback
 from backend.trellis2.sampler import SamplerParams
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.stages import Normalization, sample_texture_slat, seeded_noise
-
-log = logging.getLogger(__name__)
 
 CONFIG_FILE = "texturing_pipeline.json"
 # The stages `texture` reports, in order, with their rough share of a job's time (the texture flow dominates:
@@ -126,8 +116,7 @@ class TexturingPipeline:
         args = config["args"]
         self.store, self.conditioner, self.remover = store, conditioner, remover
         self.sampler_params = SamplerParams().merged(args["tex_slat_sampler"]["params"])
-        self.shape_norm = Normalization.from_config(args["shape_slat_normalization"])
-        self.tex_norm = Normalization.from_config(args["tex_slat_normalization"])
+        self.shape_norm, self.tex_norm = Normalization.of_latents(args)
 
     @classmethod
     def from_pretrained(
@@ -141,16 +130,13 @@ class TexturingPipeline:
         from backend.trellis2.background import LazyRemover
         from backend.trellis2.image_cond import DinoV3Conditioner
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config = read_pipeline_config(weights, CONFIG_FILE)
         args = config["args"]
         names = [*NEEDED_MODELS, *dict.fromkeys(r.flow for r in RESOLUTIONS.values())]
         models = load_pipeline_models(weights, names, "cpu", config)
         conditioner = DinoV3Conditioner.for_pipeline(weights, args)
-        offload = choose_offload(memory, device, model_bytes(models))
-        log.info("device %s, %s", device, "offloading models between stages" if offload else "all models resident")
-        store = ModelStore(models, device, offload)
-        conditioner.to(device)
+        store = ModelStore.placed(models, device, memory)
+        conditioner.to(store.device)
         return cls(config, store, conditioner, remover or LazyRemover.for_pipeline(weights, args))
 
     def texture(self, mesh: UserMesh, image: bytes | str | Path | Image.Image, settings: TexturingSettings,

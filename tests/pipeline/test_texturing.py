@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trimesh
-from PIL import Image
 
 from backend.asset.bake_onto import bake_onto, textured_mesh
 from backend.asset.textured_mesh import AssetSettings
@@ -29,13 +28,6 @@ FAST = {"steps": 2}
 @pytest.fixture(scope="module")
 def pipe(tiny_checkpoint: Path) -> TexturingPipeline:
     return TexturingPipeline.from_pretrained(str(tiny_checkpoint), device="cpu")
-
-
-@pytest.fixture(scope="module")
-def image() -> Image.Image:
-    rgba = np.zeros((96, 128, 4), np.uint8)
-    rgba[16:80, 32:96] = (40, 160, 220, 255)
-    return Image.fromarray(rgba, "RGBA")
 
 
 @pytest.fixture(scope="module")
