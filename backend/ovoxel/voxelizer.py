@@ -32,6 +32,7 @@ from backend.ovoxel.segments import expand_segments
 # Cells of the 4 voxels around a crossed grid edge, as (offset on ax0, offset on ax1) in the reference's loop order.
 AROUND_EDGE = ((0, 0), (0, 1), (1, 0), (1, 1))
 CHUNK = 1 << 20  # rows handled at once by the accumulation and the face test; bounds temporary memory
+FACE_MARGIN = 1e-2  # voxels: slack of the face term's candidate cells around the triangle's plane
 
 
 @dataclass
@@ -162,7 +163,7 @@ class _Crossings:
 
     tri: torch.Tensor  # long [C] triangle
     axis: torch.Tensor  # long [C] axis of the crossed grid edge (the reference's ax2)
-    line: torch.Tensor  # long [C, 3] (x_idx, y_idx, z_idx) along (ax0, ax1, ax2)
+    key: torch.Tensor  # long [C] key (x * G + y) * G + z of the cell (x_idx, y_idx, z_idx) on (ax0, ax1, ax2)
     point: torch.Tensor  # float32 [C, 3] crossing point, world units (computed in float64, stored as float32)
 
 
@@ -222,28 +223,22 @@ def _scanline_crossings(tri32: torch.Tensor, vs32: torch.Tensor, grid_size: int)
             owner = tri_id[row_id]
             point = torch.empty(owner.numel(), 3, dtype=torch.float64, device=device)
             point[:, ax0], point[:, ax1], point[:, ax2] = x, y[row_id], z
-            line = torch.stack([x_idx, y_idx[row_id], z_idx], dim=1)
-            # Visiting order: triangle, then axis, then half; rows and columns already ascend inside each.
-            group = owner * 6 + 2 * ax2 + half
-            parts.append((group, owner, torch.full_like(owner, ax2), line, point.float()))
-    group, tri, axis, line, point = (torch.cat(x) for x in zip(*parts))
-    order = torch.sort(group, stable=True).indices
-    return _Crossings(tri[order], axis[order], line[order], point[order])
+            stride = [grid_size * grid_size, grid_size, 1]
+            key = x_idx * stride[ax0] + y_idx[row_id] * stride[ax1] + z_idx * stride[ax2]
+            # Visiting order: triangle, then axis, then half (the order parts are listed in: a stable sort by
+            # triangle keeps it); rows and columns already ascend inside each part.
+            parts.append((owner, torch.full_like(owner, ax2), key, point.float()))
+    tri, axis, key, point = (torch.cat(x) for x in zip(*parts))
+    order = torch.sort(tri, stable=True).indices
+    return _Crossings(tri[order], axis[order], key[order], point[order])
 
 
 def _cell_keys(cross: _Crossings, grid_size: int) -> torch.Tensor:
     """int64 [C, 4] keys (x * G + y) * G + z of the 4 cells around each crossed edge, in the reference's order."""
-    out = []
-    for d0, d1 in AROUND_EDGE:
-        cell = torch.empty_like(cross.line)
-        for ax2 in range(3):
-            sel = cross.axis == ax2
-            ax0, ax1 = (ax2 + 1) % 3, (ax2 + 2) % 3
-            cell[sel, ax0] = cross.line[sel, 0] + d0
-            cell[sel, ax1] = cross.line[sel, 1] + d1
-            cell[sel, ax2] = cross.line[sel, 2]
-        out.append((cell[:, 0] * grid_size + cell[:, 1]) * grid_size + cell[:, 2])
-    return torch.stack(out, dim=1)
+    stride = torch.tensor([grid_size * grid_size, grid_size, 1], device=cross.key.device)
+    offsets = torch.tensor(AROUND_EDGE, device=cross.key.device)  # [4, 2] on (ax0, ax1)
+    step = torch.stack([stride[(cross.axis + 1) % 3], stride[(cross.axis + 2) % 3]], dim=1)  # [C, 2]
+    return cross.key.unsqueeze(1) + (offsets.unsqueeze(0) * step.unsqueeze(1)).sum(dim=2)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -294,8 +289,8 @@ def _face_cells(tri32: torch.Tensor, normal: torch.Tensor, offset: torch.Tensor,
     """Yields (triangle [M], cell [M, 3]) chunks: every cell of the grid the reference's `face_qef` marks.
 
     The reference tests every cell of the triangle's bounding box [int(min / vs), int(max / vs + 1)). We test
-    only the cells of that box within one cell of the triangle's plane (per column along the dominant normal
-    axis), with the same float32 test; a cell further from the plane cannot pass its plane test.
+    only the cells of that box the triangle's plane meets (per column along the dominant normal axis, with
+    FACE_MARGIN of slack), with the same float32 test; no other cell can pass its plane test.
     """
     device = tri32.device
     vs = float(vs32)
@@ -319,8 +314,9 @@ def _face_cells(tri32: torch.Tensor, normal: torch.Tensor, offset: torch.Tensor,
         q1 = (i.double().unsqueeze(1) + corners[:, 0]) * vs
         q2 = (j.double().unsqueeze(1) + corners[:, 1]) * vs
         height = -(ne1.unsqueeze(1) * q1 + ne2.unsqueeze(1) * q2 + d64[owner].unsqueeze(1)) / nd.unsqueeze(1)
-        k0 = (torch.floor(height.amin(dim=1) / vs).long() - 1).clamp_min(bb_lo[owner, dom[owner]])
-        k1 = (torch.floor(height.amax(dim=1) / vs).long() + 1).clamp_max(bb_hi[owner, dom[owner]] - 1)
+        # Cells k with [k, k + 1] meeting [min height, max height], widened by far more than float32 rounding.
+        k0 = torch.floor(height.amin(dim=1) / vs - FACE_MARGIN).long().clamp_min(bb_lo[owner, dom[owner]])
+        k1 = torch.floor(height.amax(dim=1) / vs + FACE_MARGIN).long().clamp_max(bb_hi[owner, dom[owner]] - 1)
         column, k_local = expand_segments((k1 - k0 + 1).clamp_min(0))
         o = owner[column]
         cell = torch.empty(column.numel(), 3, dtype=torch.long, device=device)

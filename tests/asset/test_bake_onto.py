@@ -10,7 +10,7 @@ import pytest
 import torch
 import trimesh
 
-from backend.asset.bake_onto import bake_onto, textured_mesh, uv_problem
+from backend.asset.bake_onto import BAKE_STAGES, bake_onto, textured_mesh, uv_problem
 from backend.asset.textured_mesh import AssetSettings
 from backend.ovoxel.encode import normalize_to_unit_cube
 from backend.ovoxel.ovoxel import OVoxel
@@ -62,7 +62,9 @@ def test_texels_take_the_voxels_at_their_own_surface_point_and_the_uvs_are_kept(
     positions, faces, uv = wavy_sheet()
     mesh = UserMesh.checked(positions, faces, uv)
     voxels = field_voxels(mesh)
-    baked = bake_onto(mesh, voxels, AssetSettings(texture_size=SIZE), device="cpu")
+    events: list[tuple[str, int, int]] = []
+    baked = bake_onto(mesh, voxels, AssetSettings(texture_size=SIZE), lambda *e: events.append(e), device="cpu")
+    assert list(dict.fromkeys(stage for stage, _, _ in events)) == [name for name, _ in BAKE_STAGES]
     assert baked.uvs_kept and baked.metadata["uvs"] == "kept"
     np.testing.assert_array_equal(baked.uvs, uv[faces].astype(np.float32))
     rc, points = texel_points(mesh, baked.uvs)
