@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from backend.asset.textured_mesh import AssetSettings
@@ -46,9 +47,6 @@ class ProgressLine:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    from backend.trellis2.background import LazyRemover
-    from backend.trellis2.checkpoint import CheckpointError
-    from backend.trellis2.image_cond import DinoV3LoadError
     from backend.trellis2.pipeline import Trellis2Pipeline
 
     output = args.output or args.image.with_suffix(".glb")
@@ -60,17 +58,37 @@ def run_generate(args: argparse.Namespace) -> int:
     except InvalidSettings as exc:
         print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
         return 2
-    progress = ProgressLine()
-    try:
-        print(f"loading weights from {args.weights} ...", file=sys.stderr)
-        remover = LazyRemover(args.rembg) if args.rembg else None
-        pipeline = Trellis2Pipeline.from_pretrained(args.weights, device=args.device, memory=args.memory,
-                                                    remover=remover)
+    progress = ProgressLine(sys.stderr)
+
+    def work() -> int:
+        pipeline = load_pipeline(Trellis2Pipeline, args)
         settings = pipeline.settings(given_settings(args, GENERATE))
         ovoxel = pipeline.run(args.image, settings, progress)
         progress.done(f"generated {ovoxel.coords.shape[0]} voxels, {ovoxel.faces.shape[0]} faces "
                       f"at {ovoxel.resolution}^3 in {progress.elapsed():.1f}s")
         return _write(ovoxel, output, asset, progress)
+
+    return run_reported(work, progress)
+
+
+def load_pipeline(cls, args: argparse.Namespace):
+    """`cls.from_pretrained` with the command line's --weights, --device, --memory and --rembg, announced."""
+    from backend.trellis2.background import LazyRemover
+
+    print(f"loading weights from {args.weights} ...", file=sys.stderr)
+    remover = LazyRemover(args.rembg) if args.rembg else None
+    return cls.from_pretrained(args.weights, device=args.device, memory=args.memory, remover=remover)
+
+
+def run_reported(work: Callable[[], int], progress: ProgressLine) -> int:
+    """Run a command's work under its progress line: Ctrl-C cancels (exit 130, nothing written); a failure the user
+    can act on (weights, DINOv3, image, mesh, settings, the pipeline's own) is one message with its fix (exit 1),
+    no traceback."""
+    from backend.trellis2.checkpoint import CheckpointError
+    from backend.trellis2.image_cond import DinoV3LoadError
+
+    try:
+        return work()
     except KeyboardInterrupt:
         progress.done("cancelled; nothing was written")
         return 130

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 Y_UP_SUFFIXES = (".glb", ".gltf", ".obj")  # glTF is Y-up by definition; OBJ exporters default to Y-up
 
 
+def up_axis(path: Path, choice: str) -> str:
+    """The up axis of a mesh file: `choice` ("y" or "z"), or for "auto" the convention of its format."""
+    return choice if choice != "auto" else ("y" if path.suffix.lower() in Y_UP_SUFFIXES else "z")
+
+
 class CliError(Exception):
     """A problem with the user's input: reported as one line, without a traceback."""
 
@@ -99,7 +104,7 @@ def _encode(args: argparse.Namespace) -> int:
         raise CliError(f"the output must be a .npz file, got {args.output}")
     if not 8 <= args.resolution <= 2048:
         raise CliError(f"--resolution must be in [8, 2048], got {args.resolution}")
-    up = args.up if args.up != "auto" else ("y" if args.mesh.suffix.lower() in Y_UP_SUFFIXES else "z")
+    up = up_axis(args.mesh, args.up)
     report = _progress("encode")
     report("load", 0, 1)
     parts = load_mesh_parts(args.mesh, up)

@@ -22,6 +22,7 @@ class ErrorCode(str, Enum):
     INVALID_ARRAY = "invalid_array"
     # The request was understood but cannot be served (sent by the server).
     INVALID_SETTINGS = "invalid_settings"
+    INVALID_MESH = "invalid_mesh"  # a texture request's mesh cannot be used (empty, non-finite, bad indices, ...)
     UNKNOWN_JOB = "unknown_job"
     QUEUE_FULL = "queue_full"
     MODEL_NOT_READY = "model_not_ready"

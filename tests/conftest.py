@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "golden"
+GOLDEN_TEXTURING = GOLDEN.parent / "golden-texturing"
 MANIFESTS = GOLDEN.parent / "manifests"
 
 
@@ -21,15 +22,23 @@ def golden_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def golden_texturing_dir() -> Path:
+    if not GOLDEN_TEXTURING.is_dir():
+        pytest.skip(f"texturing golden cases not found at {GOLDEN_TEXTURING} (shared/ must sit beside the repo)")
+    return GOLDEN_TEXTURING
+
+
+@pytest.fixture(scope="session")
 def golden_failures(golden_dir: Path) -> Callable[[str], tuple[list, list[str]]]:
-    """Runs the golden case folder `name` with its kind's handler: (checks, one line per failed check)."""
+    """Runs the golden case folder `name` (in golden/ or golden-texturing/) with its kind's handler:
+    (checks, one line per failed check)."""
     from backend.golden.registry import KINDS, Case
     from backend.golden.runner import load_handlers
 
     load_handlers()
 
     def run(name: str) -> tuple[list, list[str]]:
-        path = golden_dir / name
+        path = golden_dir / name if (golden_dir / name).is_dir() else GOLDEN_TEXTURING / name
         if not path.is_dir():
             pytest.skip(f"golden case folder {path} not found (the shared reference data sits beside the repo)")
         case = Case.load(path)

@@ -36,8 +36,9 @@ class AssetSettings:
 
     @classmethod
     def from_settings(cls, settings: Mapping[str, Any]) -> AssetSettings:
-        """From resolved flat settings (they hold more than the asset's: those are ignored)."""
-        return cls(**{f.name: settings[f.name] for f in fields(cls)})
+        """From resolved flat settings: those of a request that has them (a texture request has only the texture
+        and alpha ones; the rest keep their defaults), anything else ignored."""
+        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
 
 
 @dataclass

@@ -14,6 +14,7 @@ HANDLER_MODULES = [
     "backend.golden.decoders",
     "backend.golden.samplers",
     "backend.golden.pipeline",
+    "backend.golden.texturing",
 ]
 
 

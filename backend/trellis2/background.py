@@ -152,6 +152,13 @@ class LazyRemover:
         self.spec = spec or DEFAULT_SESSION
         self._remover: RembgRemover | None = None
 
+    @classmethod
+    def for_pipeline(cls, weights: str, args: dict) -> LazyRemover:
+        """The remover for a pipeline JSON: a local ONNX file its `rembg_model.args.model_path` names under the
+        weights folder, else the default (the MIT BiRefNet; the hub's RMBG-2.0 is gated and non-commercial)."""
+        rembg_args = args.get("rembg_model", {}).get("args", {})
+        return cls(str(Path(weights) / rembg_args["model_path"]) if "model_path" in rembg_args else None)
+
     def __call__(self, image: Image.Image) -> Image.Image:
         if self._remover is None:
             path = Path(self.spec).expanduser()

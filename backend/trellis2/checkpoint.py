@@ -32,6 +32,7 @@ MODEL_CLASSES = {
     "SparseStructureDecoder": "backend.trellis2.ss_decoder:SparseStructureDecoder",
     "SparseUnetVaeDecoder": "backend.trellis2.sc_vae:SparseUnetVaeDecoder",
     "FlexiDualGridVaeDecoder": "backend.trellis2.sc_vae:FlexiDualGridVaeDecoder",
+    "FlexiDualGridVaeEncoder": "backend.trellis2.sc_vae_encoder:FlexiDualGridVaeEncoder",
 }
 
 
@@ -164,11 +165,11 @@ def _download_stem(path: str) -> CheckpointFiles:
     return CheckpointFiles(Path(cfg), Path(wts))
 
 
-def read_pipeline_config(root: str) -> dict[str, Any]:
-    """`pipeline.json` of a local weights folder or a hub repo id."""
-    local = Path(root) / "pipeline.json"
+def read_pipeline_config(root: str, config_file: str = "pipeline.json") -> dict[str, Any]:
+    """A pipeline JSON (`pipeline.json`, or e.g. `texturing_pipeline.json`) of a local weights folder or a hub repo."""
+    local = Path(root) / config_file
     if Path(root).is_dir() and not local.is_file():
-        raise CheckpointError(f"{root} has no pipeline.json: give the folder of a TRELLIS.2 checkpoint (pipeline.json "
+        raise CheckpointError(f"{root} has no {config_file}: give the folder of a TRELLIS.2 checkpoint ({config_file} "
                               "+ ckpts/) or a Hugging Face repo id such as microsoft/TRELLIS.2-4B")
     if not Path(root).exists() and (root.startswith(("/", ".", "~")) or root.count("/") != 1):
         raise CheckpointError(f"weights folder {root} does not exist (and it is not a Hugging Face repo id "
@@ -179,15 +180,15 @@ def read_pipeline_config(root: str) -> dict[str, Any]:
         else:
             from huggingface_hub import hf_hub_download
 
-            text = Path(hf_hub_download(repo_id=root, filename="pipeline.json")).read_text()
+            text = Path(hf_hub_download(repo_id=root, filename=config_file)).read_text()
         config = json.loads(text)
     except Exception as exc:
         raise CheckpointError(
-            f"cannot read pipeline.json from {root!r} ({str(exc).splitlines()[0]}). Pass a folder holding "
-            f"pipeline.json and ckpts/, or {hub_hint()}"
+            f"cannot read {config_file} from {root!r} ({str(exc).splitlines()[0]}). Pass a folder holding "
+            f"{config_file} and ckpts/, or {hub_hint()}"
         ) from exc
     if not isinstance(config.get("args", {}).get("models"), dict):
-        raise CheckpointError(f"{root}/pipeline.json has no args.models map")
+        raise CheckpointError(f"{root}/{config_file} has no args.models map")
     return config
 
 
@@ -199,12 +200,12 @@ def load_pipeline_models(
 ) -> dict[str, nn.Module]:
     """Load the models named in pipeline.json's `args.models` (all, or only `names`).
 
-    `config` is the already-read pipeline.json, when the caller has it."""
+    `config` is the already-read pipeline JSON (pipeline.json or another, e.g. texturing_pipeline.json)."""
     stems = (config or read_pipeline_config(root))["args"]["models"]
     wanted = list(stems) if names is None else names
     absent = [n for n in wanted if n not in stems]
     if absent:
-        raise CheckpointError(f"{root}/pipeline.json names no model {', '.join(absent)}; "
+        raise CheckpointError(f"{root}'s pipeline JSON names no model {', '.join(absent)}; "
                               "use the complete microsoft/TRELLIS.2-4B layout")
     models = {}
     for name in wanted:

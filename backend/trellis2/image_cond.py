@@ -64,6 +64,13 @@ class DinoV3Conditioner:
             raise DinoV3LoadError(_hub_failure_message(str(name_or_path), exc)) from exc
         return cls(model)
 
+    @classmethod
+    def for_pipeline(cls, weights: str, args: dict) -> DinoV3Conditioner:
+        """The model a pipeline JSON's `image_cond_model` names, from a copy under the weights folder if there is one."""
+        name = args["image_cond_model"]["args"]["model_name"]
+        local = Path(weights) / name
+        return cls.from_pretrained(str(local) if local.exists() else name)
+
     @property
     def device(self) -> torch.device:
         return self.model.embeddings.patch_embeddings.weight.device

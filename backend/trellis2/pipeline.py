@@ -112,6 +112,18 @@ class GenerationSettings:
                    settings["max_num_tokens"], samplers)
 
 
+def checkpoint_sampler_defaults(args: Mapping[str, Any], stage_samplers: Mapping[str, str]) -> dict[str, Any]:
+    """The settings schema's sampler settings as a pipeline JSON's own sampler `params` give them, per stage."""
+    defaults: dict[str, Any] = {}
+    for stage, key in stage_samplers.items():
+        params = SamplerParams.from_params(args[key]["params"])
+        for name in ("steps", "guidance_strength", "guidance_rescale", "rescale_t"):
+            defaults[sampler_setting_name(stage, name)] = getattr(params, name)
+        defaults[sampler_setting_name(stage, "guidance_interval_start")] = params.guidance_interval[0]
+        defaults[sampler_setting_name(stage, "guidance_interval_end")] = params.guidance_interval[1]
+    return defaults
+
+
 class ModelStore:
     """Owns the loaded networks and where they live. In "offload" mode a model visits the GPU only while used."""
 
@@ -120,6 +132,15 @@ class ModelStore:
         if not offload:
             for model in models.values():
                 model.to(device)
+
+    @classmethod
+    def placed(cls, models: dict[str, nn.Module], device: str | torch.device | None, memory: str) -> ModelStore:
+        """The models on `device` (default: CUDA if there is one), resident or offloaded as the memory mode decides
+        (see `choose_offload`)."""
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        offload = choose_offload(memory, device, model_bytes(models))
+        log.info("device %s, %s", device, "offloading models between stages" if offload else "all models resident")
+        return cls(models, device, offload)
 
     @contextlib.contextmanager
     def use(self, name: str) -> Iterator[nn.Module]:
@@ -166,16 +187,10 @@ class Trellis2Pipeline:
         self.remover = remover
         self.pipeline_types = pipeline_types
         # The settings schema with this checkpoint's own defaults (pipeline type, per-stage sampler params).
-        defaults: dict[str, Any] = {"pipeline_type": args.get("default_pipeline_type", "1024_cascade")}
-        for stage, key in STAGE_SAMPLERS.items():
-            params = SamplerParams.from_params(args[key]["params"])
-            for name in ("steps", "guidance_strength", "guidance_rescale", "rescale_t"):
-                defaults[sampler_setting_name(stage, name)] = getattr(params, name)
-            defaults[sampler_setting_name(stage, "guidance_interval_start")] = params.guidance_interval[0]
-            defaults[sampler_setting_name(stage, "guidance_interval_end")] = params.guidance_interval[1]
+        defaults = {"pipeline_type": args.get("default_pipeline_type", "1024_cascade"),
+                    **checkpoint_sampler_defaults(args, STAGE_SAMPLERS)}
         self.schema: Schema = SETTINGS.with_defaults(defaults)
-        self.shape_norm = Normalization.from_config(args["shape_slat_normalization"])
-        self.tex_norm = Normalization.from_config(args["tex_slat_normalization"])
+        self.shape_norm, self.tex_norm = Normalization.of_latents(args)
 
     def settings(self, raw: Mapping[str, Any] | None = None) -> GenerationSettings:
         """Typed settings from a flat settings map (the schema's names), over this checkpoint's defaults; raises
@@ -202,7 +217,6 @@ class Trellis2Pipeline:
         from backend.trellis2.background import LazyRemover
         from backend.trellis2.image_cond import DinoV3Conditioner
 
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         config = read_pipeline_config(weights)
         args = config["args"]
         stems = args["models"]
@@ -214,16 +228,10 @@ class Trellis2Pipeline:
             pt = PIPELINE_TYPES[name]
             names += [m for m in (*pt.shape_models, pt.tex_model) if m not in names]
         models = load_pipeline_models(weights, names, "cpu", config)
-        cond_name = args["image_cond_model"]["args"]["model_name"]
-        local_cond = Path(weights) / cond_name
-        conditioner = DinoV3Conditioner.from_pretrained(str(local_cond) if local_cond.exists() else cond_name)
-        if remover is None:
-            rembg_args = args.get("rembg_model", {}).get("args", {})
-            remover = LazyRemover(str(Path(weights) / rembg_args["model_path"]) if "model_path" in rembg_args else None)
-        offload = choose_offload(memory, device, model_bytes(models))
-        log.info("device %s, %s", device, "offloading models between stages" if offload else "all models resident")
-        store = ModelStore(models, device, offload)
-        conditioner.to(device)
+        conditioner = DinoV3Conditioner.for_pipeline(weights, args)
+        remover = remover or LazyRemover.for_pipeline(weights, args)
+        store = ModelStore.placed(models, device, memory)
+        conditioner.to(store.device)
         return cls(config, store, conditioner, remover, {k: PIPELINE_TYPES[k] for k in wanted_types})
 
     # ------------------------------------------------------------------------------------------- running

@@ -1,10 +1,16 @@
-"""SC-VAE decoders (spec §2.5): sparse-conv U-Nets that grow a 32-channel latent on coarse voxels into fine voxels.
+"""SC-VAE decoders (spec §2.5): sparse-conv U-Nets that grow a 32-channel latent on coarse voxels into fine voxels;
+and the voxel-hierarchy ops they share with the encoder (`sc_vae_encoder.py`).
 
 from_latent (fp32) -> stages of SparseConvNeXtBlock3d, each but the last ending in a SparseResBlockC2S3d that
 splits every voxel into the children its subdivision logits select (x2 per axis) -> fp32 layer norm ->
 output_layer. The shape decoder (`FlexiDualGridVaeDecoder`) predicts the subdivisions and turns its 7 output
 channels into a mesh; the texture decoder (`SparseUnetVaeDecoder`, pred_subdiv=False) follows the shape
 decoder's subdivisions so both end on the same voxels in the same row order.
+
+A decoder run on an encoder's latent re-expands exactly the encoder's voxel hierarchy: the encoder's
+spatial-to-channel steps record each level's `Subdivision` in the coarse voxel set's cache (the reference's
+`channel2spatial_2` spatial cache), every tensor derived with `replace` keeps that cache, and an up-block whose
+input carries one follows it instead of any logits (as the reference's SparseChannel2Spatial does).
 
 With use_fp16, the Linear/conv parameters inside `blocks` are stored in fp16 and the torso computes in fp16
 (fp32 on CPU, see `compute_dtype`); LayerNorms always compute in fp32.
@@ -92,6 +98,65 @@ def subdivide(coords: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, t
     return parent * 8 + k, child
 
 
+# Cache keys of the voxel hierarchy (the reference's spatial-cache names for factor 2).
+CHANNEL_TO_SPATIAL = "channel2spatial_2"  # on a coarse voxel set: its Subdivision into the finer set
+SPATIAL_TO_CHANNEL = "spatial2channel_2"  # on a fine voxel set: (coarse coords, coarse cache, Subdivision)
+
+
+@dataclass(frozen=True)
+class Subdivision:
+    """How the voxels of a coarse set split into children at twice the resolution."""
+
+    slot: torch.Tensor  # long [M]: parent row * 8 + child index k, k = x%2 + 2 (y%2) + 4 (z%2)
+    coords: torch.Tensor  # int32 [M, 4] the children, in the fine set's row order
+    cache: dict[str, Any]  # the fine voxel set's cache (shared by every tensor on those voxels)
+
+
+def subdivision_of(x: SparseTensor, keep: torch.Tensor | None) -> Subdivision:
+    """The subdivision an encoder recorded for x's voxels, else the children `keep` [N, 8] selects
+    (parent-major, a new voxel set)."""
+    recorded = x.cache.get(CHANNEL_TO_SPATIAL)
+    if recorded is not None:
+        return recorded
+    if keep is None:
+        raise ValueError("these voxels carry no encoder hierarchy: pass subdivision logits (guide_subs) to expand them")
+    slot, coords = subdivide(x.coords, keep)
+    return Subdivision(slot, coords, {})
+
+
+def channel_to_spatial(x: SparseTensor, sub: Subdivision) -> SparseTensor:
+    """The reference's SparseChannel2Spatial(2): child k of voxel i takes channels [k*C/8, (k+1)*C/8) of row i."""
+    n, c = x.feats.shape
+    return SparseTensor(x.feats.reshape(n * 8, c // 8)[sub.slot], sub.coords, sub.cache)
+
+
+def spatial_to_channel(x: SparseTensor) -> SparseTensor:
+    """The reference's SparseSpatial2Channel(2): each voxel becomes channel block k of its parent (2x coarser),
+    absent children are zero. Parents are unique(fine // 2) ordered by the packed code
+    ((b * M0 + x) * M1 + y) * M2 + z with M = ceil(spatial shape / 2), spatial shape = max coords + 1.
+
+    The parents are computed once per fine voxel set (kept in its cache, so x and conv(x) share one coarse set),
+    and the coarse set records its Subdivision for the decoder.
+    """
+    link = x.cache.get(SPATIAL_TO_CHANNEL)
+    if link is None:
+        coords = x.coords.long()
+        shape = (coords[:, 1:].amax(dim=0) + 2) // 2 if coords.numel() else torch.ones(3, dtype=torch.long)
+        parent = coords[:, 1:] // 2
+        code = ((coords[:, 0] * shape[0] + parent[:, 0]) * shape[1] + parent[:, 1]) * shape[2] + parent[:, 2]
+        code, row = torch.unique(code, return_inverse=True)
+        coarse = torch.stack([code // (shape[0] * shape[1] * shape[2]), code // (shape[1] * shape[2]) % shape[0],
+                              code // shape[2] % shape[1], code % shape[2]], dim=1).to(x.coords.dtype)
+        child = (coords[:, 1] % 2) + 2 * (coords[:, 2] % 2) + 4 * (coords[:, 3] % 2)
+        sub = Subdivision(row * 8 + child, x.coords, x.cache)
+        link = (coarse, {CHANNEL_TO_SPATIAL: sub}, sub)
+        x.cache[SPATIAL_TO_CHANNEL] = link
+    coarse, coarse_cache, sub = link
+    feats = x.feats.new_zeros(coarse.shape[0] * 8, x.feats.shape[1])
+    feats[sub.slot] = x.feats
+    return SparseTensor(feats.reshape(coarse.shape[0], -1), coarse, coarse_cache)
+
+
 class SparseResBlockC2S3d(nn.Module):
     """Channel-to-space up-block C -> O: each voxel becomes up to 8 children at twice the resolution.
 
@@ -114,30 +179,57 @@ class SparseResBlockC2S3d(nn.Module):
         if pred_subdiv:
             self.to_subdiv = Linear(channels, 8)
 
-    def subdivision_logits(self, x: SparseTensor, guide: SparseTensor | None) -> SparseTensor:
-        """[N, 8] logits on x's voxels: predicted, or the guide's after checking it describes the same voxels."""
-        if guide is None:
-            if not hasattr(self, "to_subdiv"):
-                raise ValueError("this decoder does not predict subdivisions (pred_subdiv=False): pass guide_subs")
-            return x.replace(self.to_subdiv(x.feats))
-        if not torch.equal(guide.coords, x.coords):
-            raise ValueError("guide subdivision logits are on other voxels (or in another row order) than the input")
-        return guide
+    def subdivision_logits(self, x: SparseTensor, guide: SparseTensor | None) -> SparseTensor | None:
+        """[N, 8] logits on x's voxels: the guide's (after checking it describes the same voxels), else predicted;
+        None when neither exists (only valid where x carries an encoder hierarchy to follow)."""
+        if guide is not None:
+            if not torch.equal(guide.coords, x.coords):
+                raise ValueError("guide subdivision logits are on other voxels (or in another row order) than the input")
+            return guide
+        return x.replace(self.to_subdiv(x.feats)) if hasattr(self, "to_subdiv") else None
 
-    def forward(self, x: SparseTensor, guide: SparseTensor | None = None) -> tuple[SparseTensor, SparseTensor]:
-        """Returns (children features [M, O], the subdivision logits used [N, 8] on x's voxels)."""
+    def forward(self, x: SparseTensor, guide: SparseTensor | None = None
+                ) -> tuple[SparseTensor, SparseTensor | None]:
+        """Returns (children features [M, O], the subdivision logits used [N, 8] on x's voxels, if any).
+
+        An encoder hierarchy recorded on x's voxels decides the children whatever the logits say.
+        """
         logits = self.subdivision_logits(x, guide)
-        h = self.conv1(x.replace(F.silu(self.norm1(x.feats))))
-        slot, child_coords = subdivide(x.coords, logits.feats > 0)
-        n, c = x.feats.shape
-        h = SparseTensor(h.feats.reshape(n * 8, self.out_channels)[slot], child_coords)
-        skip = x.feats.reshape(n * 8, c // 8)[slot].repeat_interleave(self.out_channels // (c // 8), dim=1)
+        sub = subdivision_of(x, None if logits is None else logits.feats > 0)
+        h = channel_to_spatial(self.conv1(x.replace(F.silu(self.norm1(x.feats)))), sub)
+        skip = channel_to_spatial(x, sub).feats.repeat_interleave(self.out_channels // (x.feats.shape[1] // 8), dim=1)
         h = self.conv2(h.replace(F.silu(self.norm2(h.feats))))
         return h.replace(h.feats + skip), logits
 
 
 BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
 UP_BLOCK_TYPES = {"SparseResBlockC2S3d": SparseResBlockC2S3d}
+
+
+def build_stages(model_channels: list[int], num_blocks: list[int], block_type: list[str], transition_type: list[str],
+                 transitions: dict[str, type[nn.Module]], block_args: list[dict[str, Any]] | None,
+                 dtype: torch.dtype, **transition_kwargs: Any) -> nn.ModuleList:
+    """The U-Net torso: stage i is num_blocks[i] blocks on model_channels[i] channels, then (all but the last) a
+    transition block to model_channels[i + 1] (up-blocks in decoders, down-blocks in encoders). The Linear and
+    conv parameters are stored in `dtype` (the reference's convert_to_fp16 of `blocks`); norms stay float32."""
+    stages = len(num_blocks)
+    block_args = block_args if block_args is not None else [{} for _ in range(stages)]
+    unknown = {*block_type} - BLOCK_TYPES.keys() | {*transition_type} - transitions.keys()
+    if unknown:
+        raise ValueError(f"unsupported block types {sorted(unknown)}")
+    blocks = nn.ModuleList()
+    for i in range(stages):
+        stage = nn.ModuleList(
+            BLOCK_TYPES[block_type[i]](model_channels[i], **block_args[i]) for _ in range(num_blocks[i])
+        )
+        if i < stages - 1:
+            stage.append(transitions[transition_type[i]](model_channels[i], model_channels[i + 1],
+                                                         **transition_kwargs, **block_args[i]))
+        blocks.append(stage)
+    for module in blocks.modules():
+        if isinstance(module, (nn.Linear, SparseConv3d)):
+            module.to(dtype)
+    return blocks
 
 
 class SparseUnetVaeDecoder(nn.Module):
@@ -154,28 +246,13 @@ class SparseUnetVaeDecoder(nn.Module):
         pred_subdiv: bool = True,
     ) -> None:
         super().__init__()
-        stages = len(num_blocks)
-        block_args = block_args if block_args is not None else [{} for _ in range(stages)]
-        unknown = {*block_type} - BLOCK_TYPES.keys() | {*up_block_type} - UP_BLOCK_TYPES.keys()
-        if unknown:
-            raise ValueError(f"unsupported block types {sorted(unknown)}")
         self.pred_subdiv = pred_subdiv
         self.dtype = torch.float16 if use_fp16 else torch.float32
         # Registration order matches the reference state_dict order (output_layer first).
         self.output_layer = Linear(model_channels[-1], out_channels)
         self.from_latent = Linear(latent_channels, model_channels[0])
-        self.blocks = nn.ModuleList()
-        for i in range(stages):
-            stage = nn.ModuleList(
-                BLOCK_TYPES[block_type[i]](model_channels[i], **block_args[i]) for _ in range(num_blocks[i])
-            )
-            if i < stages - 1:
-                up = UP_BLOCK_TYPES[up_block_type[i]]
-                stage.append(up(model_channels[i], model_channels[i + 1], pred_subdiv=pred_subdiv, **block_args[i]))
-            self.blocks.append(stage)
-        for module in self.blocks.modules():
-            if isinstance(module, (nn.Linear, SparseConv3d)):
-                module.to(self.dtype)
+        self.blocks = build_stages(model_channels, num_blocks, block_type, up_block_type, UP_BLOCK_TYPES, block_args,
+                                   self.dtype, pred_subdiv=pred_subdiv)
 
     @property
     def num_up_blocks(self) -> int:
@@ -187,7 +264,8 @@ class SparseUnetVaeDecoder(nn.Module):
     def decode(
         self, x: SparseTensor, guide_subs: list[SparseTensor] | None = None
     ) -> tuple[SparseTensor, list[SparseTensor]]:
-        """(output features on the finest voxels, the subdivision logits of every up-block on its input voxels).
+        """(output features on the finest voxels, the subdivision logits of every up-block on its input voxels;
+        none for a decoder that follows an encoder's hierarchy without predicting).
 
         guide_subs: per up-block logits to follow instead of predicting (the shape decoder's, same row order).
         """
@@ -199,7 +277,8 @@ class SparseUnetVaeDecoder(nn.Module):
             for block in stage:
                 if isinstance(block, SparseResBlockC2S3d):
                     h, logits = block(h, None if guide_subs is None else guide_subs[i])
-                    subs.append(logits)
+                    if logits is not None:
+                        subs.append(logits)
                 else:
                     h = block(h)
         feats = F.layer_norm(h.feats.to(x.dtype), h.feats.shape[-1:])
@@ -228,7 +307,7 @@ class SparseUnetVaeDecoder(nn.Module):
             for block in convnext_blocks:
                 h = block(h)
             if i == times - 1:
-                return subdivide(h.coords, up.subdivision_logits(h, None).feats > 0)[1]
+                return subdivision_of(h, up.subdivision_logits(h, None).feats > 0).coords
             h, _ = up(h)
         return h.coords
 

@@ -37,6 +37,11 @@ class Normalization:
     def from_config(cls, cfg: dict) -> Normalization:
         return cls(torch.tensor(cfg["mean"], dtype=torch.float32), torch.tensor(cfg["std"], dtype=torch.float32))
 
+    @classmethod
+    def of_latents(cls, args: dict) -> tuple[Normalization, Normalization]:
+        """(shape, texture) latent normalisations of a pipeline JSON's args (both pipelines share them)."""
+        return cls.from_config(args["shape_slat_normalization"]), cls.from_config(args["tex_slat_normalization"])
+
     def denormalize(self, x: SparseTensor) -> SparseTensor:
         return x.replace(x.feats * self.std.to(x.device) + self.mean.to(x.device))
 

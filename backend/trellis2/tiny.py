@@ -1,7 +1,7 @@
 """`python -m backend tiny-checkpoint DIR`: a complete, random, tiny checkpoint in the exact hub layout.
 
-Same classes, same files (pipeline.json, ckpts/NAME.json + .safetensors, a DINOv3 folder, a background-removal
-model) as microsoft/TRELLIS.2-4B, at sizes that run the whole path on a CPU in seconds. Every end-to-end test uses
+Same classes, same files (pipeline.json, texturing_pipeline.json, ckpts/NAME.json + .safetensors, a DINOv3
+folder, a background-removal model) as microsoft/TRELLIS.2-4B, at sizes that run the whole path on a CPU in seconds. Every end-to-end test uses
 it, so nothing in the tests needs the network. Grids are scaled down 4× (structure 4³ → 16³ occupancy, latent grids
 8³ and 16³, assets at 128/256/384), so every pipeline type still takes its own code path.
 """
@@ -48,7 +48,15 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "tex_slat_flow_model_512": ("ckpts/tex_flow_tiny_512", "SLatFlowModel", _flow(8, 2 * LATENT)),
     "tex_slat_flow_model_1024": ("ckpts/tex_flow_tiny_1024", "SLatFlowModel", _flow(16, 2 * LATENT)),
     "tex_slat_decoder": ("ckpts/tex_dec_tiny", "SparseUnetVaeDecoder", _sc_vae(out_channels=6, pred_subdiv=False)),
+    # The decoders' mirror: fine -> coarse channels, four spatial-to-channel down-blocks (x16 coarser).
+    "shape_slat_encoder": ("ckpts/shape_enc_tiny", "FlexiDualGridVaeEncoder", {
+        "model_channels": [8, 8, 8, 16, 32], "latent_channels": LATENT, "num_blocks": [0, 0, 0, 0, 1],
+        "block_type": ["SparseConvNeXtBlock3d"] * 5, "down_block_type": ["SparseResBlockS2C3d"] * 4,
+        "block_args": [{}] * 5, "use_fp16": False}),
 }
+# Which models each pipeline JSON names (as on the hub: the image pipeline has no encoder, texturing no shape flows).
+IMAGE_PIPELINE_MODELS = [name for name in MODELS if name != "shape_slat_encoder"]
+TEXTURING_MODELS = ["shape_slat_encoder", "tex_slat_decoder", "tex_slat_flow_model_512", "tex_slat_flow_model_1024"]
 
 SAMPLERS = {
     "sparse_structure_sampler": dict(steps=12, guidance_strength=7.5, guidance_rescale=0.7,
@@ -96,18 +104,36 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
 
         write_tiny_dinov3(root / "dinov3", seed=seed)
         write_tiny_background_model(root / "rembg" / "tiny.onnx", seed=seed)
+        image_conditioning = {
+            "image_cond_model": {"name": "DinoV3FeatureExtractor", "args": {"model_name": "dinov3"}},
+            "rembg_model": {"name": "rembg", "args": {"model_path": "rembg/tiny.onnx"}},
+        }
+        shape_norm, tex_norm = normalization(), normalization()
+
+        def sampler(key: str) -> dict[str, Any]:
+            return {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5}, "params": SAMPLERS[key]}
+
         pipeline = {
             "name": "Trellis2ImageTo3DPipeline",
             "args": {
-                "models": {name: stem for name, (stem, _, _) in MODELS.items()},
-                **{key: {"name": "FlowEulerGuidanceIntervalSampler", "args": {"sigma_min": 1e-5}, "params": params}
-                   for key, params in SAMPLERS.items()},
-                "shape_slat_normalization": normalization(),
-                "tex_slat_normalization": normalization(),
-                "image_cond_model": {"name": "DinoV3FeatureExtractor", "args": {"model_name": "dinov3"}},
-                "rembg_model": {"name": "rembg", "args": {"model_path": "rembg/tiny.onnx"}},
+                "models": {name: MODELS[name][0] for name in IMAGE_PIPELINE_MODELS},
+                **{key: sampler(key) for key in SAMPLERS},
+                "shape_slat_normalization": shape_norm,
+                "tex_slat_normalization": tex_norm,
+                **image_conditioning,
                 "default_pipeline_type": "1024_cascade",
             },
         }
+        texturing = {
+            "name": "Trellis2TexturingPipeline",
+            "args": {
+                "models": {name: MODELS[name][0] for name in TEXTURING_MODELS},
+                "shape_slat_normalization": shape_norm,
+                "tex_slat_sampler": sampler("tex_slat_sampler"),
+                "tex_slat_normalization": tex_norm,
+                **image_conditioning,
+            },
+        }
     (root / "pipeline.json").write_text(json.dumps(pipeline, indent=4))
+    (root / "texturing_pipeline.json").write_text(json.dumps(texturing, indent=4))
     return root

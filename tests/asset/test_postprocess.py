@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 
 import numpy as np
 import pytest
@@ -32,12 +31,8 @@ def texel_lookup(image: np.ndarray, uv: np.ndarray) -> np.ndarray:
 
 def test_build_matches_the_source_colours(ovoxel: OVoxel) -> None:
     stages: list[str] = []
-    start = time.perf_counter()
     settings = AssetSettings(faces=8000, texture_size=512)
     mesh = build_textured_mesh(ovoxel, settings, device="cpu", progress=lambda stage, step, total: stages.append(stage))
-    elapsed = time.perf_counter() - start
-    print(f"{ovoxel.faces.shape[0]} -> {mesh.indices.shape[0]} faces in {elapsed:.2f} s: {mesh.metadata}")
-    assert elapsed < 30  # a few seconds on a free 2-core machine
     assert list(dict.fromkeys(stages)) == [s.name for s in asset_stages(settings)]
     assert 0.97 * 8000 <= mesh.indices.shape[0] <= 8000
     assert mesh.positions.dtype == np.float32 and mesh.indices.dtype == np.int32

@@ -125,8 +125,9 @@ def test_manifest_command_prints_the_reference_manifest(load_manifest, tmp_path,
     assert printed == [entry[:3] for entry in manifest["state_dict"]]
 
 
-def test_golden_command_passes_every_shared_case(golden_dir, capsys) -> None:
-    cases = sorted(str(p) for p in golden_dir.iterdir() if (p / "case.json").is_file())
+def test_golden_command_passes_every_shared_case(golden_dir, golden_texturing_dir, capsys) -> None:
+    cases = sorted(str(p) for folder in (golden_dir, golden_texturing_dir) for p in folder.iterdir()
+                   if (p / "case.json").is_file())
     assert cli(["golden", *cases]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"{len(cases)} passed, 0 failed"

@@ -30,13 +30,6 @@ def pipe(tiny_checkpoint: Path) -> Trellis2Pipeline:
     return Trellis2Pipeline.from_pretrained(str(tiny_checkpoint), device="cpu")
 
 
-@pytest.fixture(scope="module")
-def image() -> Image.Image:
-    rgba = np.zeros((120, 160, 4), np.uint8)
-    rgba[20:100, 40:120] = (200, 120, 40, 255)
-    return Image.fromarray(rgba, "RGBA")
-
-
 FAST = {"sparse_structure_steps": 3, "shape_steps": 3, "texture_steps": 3}
 
 
