@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from asset_shapes import sheet, sphere_sdf, uv_sphere, voxelize
 
-from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces, unify_orientation
+from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces
+from backend.asset.orientation import unify_orientation
 from backend.asset.holes import fill_small_holes
 from backend.asset.meshutil import compact, connected_components, edges_of
 
