@@ -5,7 +5,7 @@ share voxels and so share dual vertices and edges (edges with 3-4 faces, vertice
 We keep every face and resolve each such spot by choosing which faces stay joined (a *sheet* below is a set of
 faces connected through consistently wound manifold edges):
 
-* An edge with an odd number of faces (> 2) is a sheet ending on a surface: the contact face of two touching
+* An edge with an odd number of faces (> 2) from more than one sheet is a sheet ending on a surface: the contact face of two touching
   parts, or a part thinner than a voxel whose two sides share one sheet. The smallest sheet at such an edge is
   doubled, so each side gets its own copy and both close: a reversed copy where the surfaces on either side of
   the sheet face opposite ways (touching parts, thin parts: the copies fold into each other along the sheet's
@@ -14,8 +14,9 @@ faces connected through consistently wound manifold edges):
   joined when they run the edge in opposite directions (so the winding stays consistent). First the pairs whose
   normals both point away from the wedge between them (the wedge is inside the solid: touching parts come apart
   along it), then, among the faces left, neighbours whose normals both point into their wedge (the wedge is
-  outside: crossing sheets reconnect into the outer and the inner surface). Faces still unpaired are cut loose
-  along that edge (a boundary, for hole filling to close).
+  outside: crossing sheets reconnect into the outer and the inner surface), and so on alternately among the
+  faces still left. Faces left unpaired (all running the edge the same way) are cut loose along that edge (a
+  boundary, for hole filling to close).
 * A manifold edge whose two faces run it the same way (a non-orientable seam) is cut too.
 * Each vertex is then split into one copy per fan of corners that stay joined across edges (a fan that closes
   through one edge twice has that edge's joins cut, and is split again).
@@ -80,19 +81,23 @@ def _pair_around(vertices: torch.Tensor, faces: torch.Tensor, edges: Edges, side
         rank = torch.arange(members.numel(), device=members.device) - start[group]
         return start[group] + (rank + 1) % size[group]
 
-    every = torch.arange(sides.numel(), device=sides.device)
-    succ = successor(every)
-    inside = (direction == -1) & (direction[succ] == 1)  # both normals point away from the wedge between
-    paired = torch.zeros_like(inside)
-    paired[inside] = True
-    paired[succ[inside]] = True
-    pairs = [torch.stack([sides[inside], sides[succ[inside]]], dim=1)]
-    rest = every[~paired]
-    if rest.numel():
-        succ_rest = rest[successor(rest)]
-        outside = (direction[rest] == 1) & (direction[succ_rest] == -1)  # both normals point into the wedge
-        pairs.append(torch.stack([sides[rest[outside]], sides[succ_rest[outside]]], dim=1))
-    return torch.cat(pairs)
+    # Rounds alternate between the two kinds of pair, each among the faces still unpaired (so a later pair may
+    # span earlier ones), until no more form: what is left at an edge runs it all the same way.
+    rest = torch.arange(sides.numel(), device=sides.device)
+    pairs = []
+    first, idle = -1, 0
+    while rest.numel() > 1 and idle < 2:
+        succ = rest[successor(rest)]
+        # first = -1: both normals point away from the wedge to the successor; +1: both point into it.
+        take = (direction[rest] == first) & (direction[succ] == -first) & (succ != rest)
+        idle = 0 if bool(take.any()) else idle + 1
+        pairs.append(torch.stack([sides[rest[take]], sides[succ[take]]], dim=1))
+        paired = torch.zeros(sides.numel(), dtype=torch.bool, device=sides.device)
+        paired[rest[take]] = True
+        paired[succ[take]] = True
+        rest = rest[~paired[rest]]
+        first = -first
+    return torch.cat(pairs) if pairs else sides.new_zeros(0, 2)
 
 
 def _consistent(faces: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
@@ -113,6 +118,12 @@ def _doubled_sheets(vertices: torch.Tensor, faces: torch.Tensor, edges: Edges
     manifold = _group_by_edge(edges, torch.nonzero(count == 2).squeeze(1))
     manifold = manifold[_consistent(faces, manifold)]
     sheet = connected_components(nf, manifold[:, 0] // 3, manifold[:, 1] // 3)
+    # Only where the edge's faces come from different sheets: three faces of one sheet are a fold, not a junction.
+    pair_key = torch.unique(side_edge[odd_sides] * nf + sheet[odd_sides // 3])
+    sheets_at = torch.bincount(pair_key // nf, minlength=edges.count.numel())
+    odd_sides = odd_sides[sheets_at[side_edge[odd_sides]] >= 2]
+    if odd_sides.numel() == 0:
+        return odd_sides, odd_sides.bool()
     area = 0.5 * face_normals(vertices.double(), faces).norm(dim=1)
     sheet_area = torch.zeros(nf, dtype=area.dtype, device=area.device).index_add_(0, sheet, area)
     odd_edge, slot = torch.unique(side_edge[odd_sides], return_inverse=True)
@@ -206,7 +217,7 @@ def separate_coincident(vertices: torch.Tensor, faces: torch.Tensor, distance: f
     """Vertices moved so that no two share a position, for tools that weld vertices by position.
 
     Each vertex of a coincident group moves `distance` (at most a quarter of the way) towards the centroid of
-    its own one-ring, which parts the split copies of a pinch, plus half of `distance` along its own normal,
+    its own one-ring, which parts the split copies of a pinch, plus about half of `distance` along its own normal,
     which parts the two copies of a doubled sheet (same one-ring, opposite normals) into a thin shell.
     """
     if vertices.shape[0] < 2:
@@ -228,5 +239,12 @@ def separate_coincident(vertices: torch.Tensor, faces: torch.Tensor, distance: f
     length = towards.norm(dim=1, keepdim=True)
     step = torch.minimum(torch.full_like(length, 0.25), distance / length.clamp_min(1e-30))
     normal = normal / normal.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    moved = vertices + step * towards + 0.5 * distance * normal
+    # The k-th member of a group (by index) goes (0.5 + 0.3 k) x distance along its normal: copies facing the
+    # same way (a sheet doubled between tangent surfaces) part too.
+    order = torch.argsort(group, stable=True)
+    first = torch.cumsum(count, 0) - count
+    rank = torch.empty_like(group)
+    rank[order] = torch.arange(group.numel(), device=group.device) - first[group[order]]
+    along = (0.5 + 0.3 * rank.to(vertices.dtype)).unsqueeze(1) * distance
+    moved = vertices + step * towards + along * normal
     return torch.where((shared & (seen > 0)).unsqueeze(1), moved, vertices)

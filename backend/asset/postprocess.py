@@ -41,8 +41,10 @@ from backend.ovoxel.ovoxel import OVoxel
 Progress = Callable[[str, int, int], None]
 STAGES = ("reference", "remesh", "simplify", "uv", "bake", "textures", "normals")
 ALPHA_OPAQUE_MIN = 250  # AUTO alpha: BLEND only when some covered texel is visibly transparent
-MIN_HOLE_VOXELS = 8.0  # holes shorter than this many voxels are filled whatever the world-unit limit says
+MIN_HOLE_VOXELS = 16.0  # holes shorter than this many voxels are filled whatever the world-unit limit says
 SEPARATION_VOXELS = 0.05  # how far coincident vertices are moved apart
+SLIT_VOXELS = 0.5  # loops narrower than this on average are filled whatever their length (cuts, not holes)
+PAIRING_ROUNDS = 2  # manifold repairs, each with the winding the previous one's bodies give
 
 
 class _Stages:
@@ -72,18 +74,30 @@ class _Stages:
             self.progress(name, step, total)
 
 
-def manifold_surface(vertices: torch.Tensor, faces: torch.Tensor, max_hole_perimeter: float, separation: float
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def manifold_surface(vertices: torch.Tensor, faces: torch.Tensor, max_hole_perimeter: float, separation: float,
+                     max_slit_width: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(vertices, faces, origin) of a mesh made a consistently wound, outward-facing 2-manifold with small holes
     closed; origin [V'] is the input vertex each vertex copies (-1 for the centres of filled holes)."""
     kept, f = compact_indices(remove_degenerate_and_duplicate_faces(faces), vertices.shape[0])
     v = vertices[kept]
-    v, f, origin = make_manifold(v, unify_orientation(v, f))
+    f = unify_orientation(v, f)
+    # Which way a piece between junctions faces is a guess until the pieces are joined into bodies; a second
+    # pairing with the winding of those bodies closes what the guesses left open.
+    for _ in range(PAIRING_ROUNDS - 1):
+        v1, f1, origin1 = make_manifold(v, f)
+        f1 = orient_outward(v1, f1, face_components(f1, v1.shape[0]))[: f.shape[0]]
+        f = torch.where(same_winding(origin1[f1.long()], f.long()).unsqueeze(1), f, f[:, [0, 2, 1]])
+    v, f, origin = make_manifold(v, f)
     origin = kept[origin]
-    v, f = fill_small_holes(v, f, max_hole_perimeter)
+    v, f = fill_small_holes(v, f, max_hole_perimeter, max_slit_width)
     origin = torch.cat([origin, origin.new_full((v.shape[0] - origin.shape[0],), -1)])
     f = orient_outward(v, f, face_components(f, v.shape[0]))
     return separate_coincident(v, f, separation), f, origin
+
+
+def same_winding(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Whether each face of `a` [F, 3] runs its corners in the same cyclic order as the face of `b` over them."""
+    return (a == b).all(dim=1) | (a == b.roll(1, dims=1)).all(dim=1) | (a == b.roll(-1, dims=1)).all(dim=1)
 
 
 def vertex_attributes(ovoxel: OVoxel, vertices: torch.Tensor, faces: torch.Tensor, origin: torch.Tensor
@@ -134,13 +148,13 @@ def build_textured_mesh(ovoxel: OVoxel, settings: AssetSettings, progress: Progr
     separation = SEPARATION_VOXELS * h
 
     def reference() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        v, f, origin = manifold_surface(vertices, faces, hole_limit, separation)
+        v, f, origin = manifold_surface(vertices, faces, hole_limit, separation, SLIT_VOXELS * h)
         return v, f, vertex_attributes(ovoxel, v, f, origin)
 
     ref_v, ref_f, ref_attrs = stages.run("reference", reference)
     if settings.remesh:
         mesh_v, mesh_f = stages.run("remesh", lambda: clean(*manifold_surface(*remesh_narrow_band(
-            ref_v, ref_f, ovoxel.resolution, settings.remesh_band), hole_limit, separation)[:2]))
+            ref_v, ref_f, ovoxel.resolution, settings.remesh_band), hole_limit, separation, SLIT_VOXELS * h)[:2]))
     else:
         mesh_v, mesh_f = clean(ref_v, ref_f)
 

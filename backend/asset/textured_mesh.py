@@ -30,7 +30,7 @@ class AssetSettings:
     remesh_band: float = 1.0
     alpha_mode: AlphaMode = "AUTO"  # AUTO: BLEND when any texel is transparent, else OPAQUE
     alpha_cutoff: float = 0.5  # for MASK
-    fill_hole_perimeter: float = 3e-2  # holes with a shorter boundary are closed (world units; 8 voxels at least)
+    fill_hole_perimeter: float = 3e-2  # holes with a shorter boundary are closed (world units; 16 voxels at least)
     sharp_angle: float = 40.0  # degrees: edges whose faces turn by more are shaded sharp, the rest smooth
 
     def __post_init__(self) -> None:
