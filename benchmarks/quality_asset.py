@@ -1,7 +1,7 @@
 """Mesh quality of encode -> decode on procedural models of the kinds issue 12 names (not a test; slow).
 
 `python benchmarks/quality_asset.py [--resolution 256] [--faces 500000 20000] [--texture-size 1024] [--device cpu]
-[--out out/quality.json]`: each source (closed blob, open sheet, many touching parts, thin fin on a body, untextured
+[--remesh] [--only NAME ...] [--out out/quality.json]`: each source (closed blob, open sheet, many touching parts, thin fin on a body, untextured
 coloured parts) is encoded at the resolution (backend.ovoxel.encode), built by build_textured_mesh at each face
 target, welded by position, and measured: non-manifold edges, boundary loops, inconsistent edges, double-sided
 flag, faces against the target, flipped-face and sliver fractions, Chamfer in voxels against the source, colour
@@ -68,10 +68,12 @@ def main() -> None:
     ap.add_argument("--texture-size", type=int, default=1024)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--only", nargs="*")
+    ap.add_argument("--remesh", action="store_true", help="build with the narrow-band remesh")
     ap.add_argument("--out", type=Path, default=Path("out/quality.json"))
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    results: dict = {"resolution": args.resolution, "texture_size": args.texture_size, "device": args.device}
+    results: dict = {"resolution": args.resolution, "texture_size": args.texture_size, "device": args.device,
+                     "remesh": args.remesh}
     h = 1.0 / args.resolution
     for name, (parts, closed) in sources().items():
         if args.only and name not in args.only:
@@ -87,7 +89,7 @@ def main() -> None:
         entry["raw"] = as_dict(topology(*raw))
         for target in args.faces:
             start = time.perf_counter()
-            mesh = build_textured_mesh(ov, AssetSettings(faces=target, texture_size=args.texture_size),
+            mesh = build_textured_mesh(ov, AssetSettings(faces=target, texture_size=args.texture_size, remesh=args.remesh),
                                        device=args.device)
             wall = time.perf_counter() - start
             out = weld(mesh.positions, mesh.indices.astype(np.int64))
