@@ -21,9 +21,9 @@ import torch
 
 from backend.asset.meshutil import INT64_MAX, boundary_sides, edges_of, face_normals, manifold_side_pairs
 
-VISIBILITY_GRID = 128  # occupancy cells along the object's longest side
-VISIBILITY_SAMPLES = 32  # faces per open piece that cast rays
-TIE = 0.1  # a vote decides when it is at least this fraction of the votes cast
+VISIBILITY_GRID = 128  # occupancy cells along the object's longest side (at most; cells are at least an edge long)
+VISIBILITY_SAMPLES = 64  # faces per open piece that cast rays
+TIE = 0.02  # a vote decides when it is at least this fraction of the area voting
 
 
 def consistent_winding(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,11 +106,13 @@ def _visibility_votes(vertices: torch.Tensor, faces: torch.Tensor, piece: torch.
     sample = order[rank % stride[owner] == 0]
 
     lo, hi = vertices.amin(dim=0), vertices.amax(dim=0)
-    cell = float((hi - lo).max()) / VISIBILITY_GRID or 1.0
+    tri = vertices[faces.long()]
+    # Cells no smaller than a typical edge, so the marks below (corners, edge midpoints, centroids) leave no gaps.
+    edge = float((tri - tri.roll(1, dims=1)).norm(dim=2).median())
+    cell = max(float((hi - lo).max()) / VISIBILITY_GRID, edge) or 1.0
     origin = lo - cell
     dims = ((hi - origin) / cell).floor().long() + 2
     occupied = torch.zeros(*dims.tolist(), dtype=torch.bool, device=vertices.device)
-    tri = vertices[faces.long()]
     marks = torch.cat([vertices, tri.mean(dim=1), 0.5 * (tri + tri.roll(1, dims=1)).reshape(-1, 3)])
     cells = ((marks - origin) / cell).floor().long()
     occupied[cells[:, 0], cells[:, 1], cells[:, 2]] = True
