@@ -67,12 +67,14 @@ def add_asset_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"material alpha mode (default {defaults.alpha_mode}: BLEND if any texel is transparent)")
     p.add_argument("--alpha-cutoff", type=float, default=defaults.alpha_cutoff, metavar="C",
                    help=f"MASK cutoff (default {defaults.alpha_cutoff})")
+    p.add_argument("--sharp-angle", type=float, default=defaults.sharp_angle, metavar="DEG",
+                   help=f"edges whose faces turn by more are shaded sharp (default {defaults.sharp_angle})")
 
 
 def asset_settings(args: argparse.Namespace) -> AssetSettings:
     """AssetSettings from the options `add_asset_arguments` added (raises ValueError naming a bad value)."""
     return AssetSettings(faces=args.faces, texture_size=args.texture_size, remesh=args.remesh,
-                         alpha_mode=args.alpha_mode, alpha_cutoff=args.alpha_cutoff)
+                         alpha_mode=args.alpha_mode, alpha_cutoff=args.alpha_cutoff, sharp_angle=args.sharp_angle)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
 The iso-surface UDF = band x voxel_size around the reference surface is a closed shell (both sides of open
 sheets, inner and outer offsets of closed parts), so remeshing trades the decoded mesh's holes and
 non-manifold spots for clean topology (dual contouring may still leave a rare non-manifold edge where the
-shell is thinner than a cell; the simplifier pins those). Simpler than the reference's coarse-to-fine band: the
+shell is thinner than a cell; manifold.make_manifold resolves those). Simpler than the reference's coarse-to-fine band: the
 band is just the cells within two cells of a reference vertex (the shell is one voxel off the surface, and the
 dual-grid vertices lie inside their voxels up to half a voxel out), and the UDF comes from the exact
 closest-point search used for baking. The dual vertex of a cell is the mean of its edges' zero crossings;
