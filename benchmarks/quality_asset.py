@@ -1,11 +1,11 @@
 """Mesh quality of encode -> decode on procedural models of the kinds issue 12 names (not a test; slow).
 
 `python benchmarks/quality_asset.py [--resolution 256] [--faces 500000 20000] [--texture-size 1024] [--device cpu]
-[--remesh] [--only NAME ...] [--out out/quality.json]`: each source (closed blob, open sheet, many touching parts, thin fin on a body, untextured
-coloured parts) is encoded at the resolution (backend.ovoxel.encode), built by build_textured_mesh at each face
-target, welded by position, and measured: non-manifold edges, boundary loops, inconsistent edges, double-sided
-flag, faces against the target, flipped-face and sliver fractions, Chamfer in voxels against the source, colour
-error of the untextured parts (in 1/255), and the build time per stage.
+[--remesh] [--only NAME ...] [--out out/quality.json]`: each source (closed blob, open sheet, many touching parts
+with their own untextured colours, thin fin on a body) is encoded at the resolution (backend.ovoxel.encode), built
+by build_textured_mesh at each face target, welded by position, and measured: non-manifold edges, boundary loops,
+inconsistent edges, double-sided flag, faces against the target, flipped-face and sliver fractions, Chamfer in
+voxels against the source, colour error of the untextured parts (in 1/255), and the build time per stage.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def main() -> None:
         entry["raw"] = as_dict(topology(*raw))
         for target in args.faces:
             start = time.perf_counter()
-            mesh = build_textured_mesh(ov, AssetSettings(faces=target, texture_size=args.texture_size, remesh=args.remesh),
-                                       device=args.device)
+            settings = AssetSettings(faces=target, texture_size=args.texture_size, remesh=args.remesh)
+            mesh = build_textured_mesh(ov, settings, device=args.device)
             wall = time.perf_counter() - start
             out = weld(mesh.positions, mesh.indices.astype(np.int64))
             run = {"wall_s": round(wall, 2), "stages_s": {k: round(v, 3) for k, v in mesh.metadata["timings"].items()},

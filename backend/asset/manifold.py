@@ -5,11 +5,11 @@ share voxels and so share dual vertices and edges (edges with 3-4 faces, vertice
 We keep every face and resolve each such spot by choosing which faces stay joined (a *sheet* below is a set of
 faces connected through consistently wound manifold edges):
 
-* An edge with an odd number of faces (> 2) from more than one sheet is a sheet ending on a surface: the contact face of two touching
-  parts, or a part thinner than a voxel whose two sides share one sheet. The smallest sheet at such an edge is
-  doubled, so each side gets its own copy and both close: a reversed copy where the surfaces on either side of
-  the sheet face opposite ways (touching parts, thin parts: the copies fold into each other along the sheet's
-  free border), a same-facing copy where they face the same way (tangent surfaces).
+* An edge with an odd number of faces (> 2) from more than one sheet is a sheet ending on a surface: the contact
+  face of two touching parts, or a part thinner than a voxel whose two sides share one sheet. The smallest sheet at
+  such an edge is doubled, so each side gets its own copy and both close: a reversed copy where the surfaces on
+  either side of the sheet face opposite ways (touching parts, thin parts: the copies fold into each other along the
+  sheet's free border), a same-facing copy where they face the same way (tangent surfaces).
 * Around a non-manifold edge the faces are sorted by angle about the edge. Two faces next to each other may be
   joined when they run the edge in opposite directions (so the winding stays consistent). First the pairs whose
   normals both point away from the wedge between them (the wedge is inside the solid: touching parts come apart

@@ -66,9 +66,9 @@ def segment_minimiser(q: torch.Tensor, pa: torch.Tensor, pb: torch.Tensor) -> to
     return pa + t * (pb - pa)
 
 
-def triangle_quality(vertices: torch.Tensor, faces: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
-    """4 sqrt(3) area / sum of squared edge lengths: 1 for equilateral, 0 for degenerate."""
-    p = vertices[faces]
+def triangle_quality(p: torch.Tensor, normals: torch.Tensor) -> torch.Tensor:
+    """4 sqrt(3) area / sum of squared edge lengths of triangles p [M, 3, 3] with unnormalised normals [M, 3]:
+    1 for equilateral, 0 for degenerate."""
     sq = ((p - p.roll(1, dims=1)) ** 2).sum(dim=(1, 2))
     return 2 * 3**0.5 * normals.norm(dim=1) / sq.clamp_min(1e-300)
 
@@ -173,12 +173,7 @@ def _ring_checks(pos: torch.Tensor, f: torch.Tensor, x: torch.Tensor, y: torch.T
     n_old = torch.linalg.cross(old[:, 1] - old[:, 0], old[:, 2] - old[:, 0])
     n_new = torch.linalg.cross(new[:, 1] - new[:, 0], new[:, 2] - new[:, 0])
     cos = (n_old * n_new).sum(dim=1) / (n_old.norm(dim=1) * n_new.norm(dim=1)).clamp_min(1e-300)
-
-    def quality(p: torch.Tensor, normal: torch.Tensor) -> torch.Tensor:
-        sq = ((p - p.roll(1, dims=1)) ** 2).sum(dim=(1, 2))
-        return 2 * 3**0.5 * normal.norm(dim=1) / sq.clamp_min(1e-300)
-
-    q_old, q_new = quality(old, n_old), quality(new, n_new)
+    q_old, q_new = triangle_quality(old, n_old), triangle_quality(new, n_new)
     bad = (cos < MIN_NORMAL_COS) | ((q_new < QUALITY_FLOOR) & (q_new < q_old))
     refused = torch.zeros(n, dtype=torch.long, device=x.device).index_add_(0, owner, bad.long())
     total = torch.zeros(n, dtype=pos.dtype, device=x.device).index_add_(0, owner, 1 - q_new)

@@ -53,7 +53,8 @@ def build_mesh(name: str, data: MeshData) -> bpy.types.Mesh:
     mesh.polygons.foreach_set("use_smooth", np.ones(faces, dtype=bool))
     corner_normals = np.ascontiguousarray(data.normals[data.corner_verts], dtype=np.float32)
     if FREE_NORMALS:
-        mesh.attributes.new("custom_normal", "FLOAT_VECTOR", "CORNER").data.foreach_set("vector", corner_normals.ravel())
+        normals = mesh.attributes.new("custom_normal", "FLOAT_VECTOR", "CORNER")
+        normals.data.foreach_set("vector", corner_normals.ravel())
     else:
         mesh.normals_split_custom_set(corner_normals)
     return mesh

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from backend.asset.meshutil import boundary_sides, connected_components, edges_of, face_normals
+from backend.asset.simplify import triangle_quality
 from backend.ovoxel.nearest import closest_points
 
 SLIVER_QUALITY = 0.1  # 4 sqrt(3) area / sum of squared edges below this (e.g. a 3:1 isosceles cap is 0.6)
@@ -81,9 +82,7 @@ def flipped_fraction(out: tuple[torch.Tensor, torch.Tensor], source: tuple[torch
 
 
 def sliver_fraction(vertices: torch.Tensor, faces: torch.Tensor) -> float:
-    p = vertices[faces.long()]
-    sq = ((p - p.roll(1, dims=1)) ** 2).sum(dim=(1, 2))
-    quality = 2 * 3**0.5 * face_normals(vertices, faces.long()).norm(dim=1) / sq.clamp_min(1e-300)
+    quality = triangle_quality(vertices[faces.long()], face_normals(vertices, faces.long()))
     return float((quality < SLIVER_QUALITY).double().mean())
 
 
