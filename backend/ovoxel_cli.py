@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from backend.ovoxel.ovoxel import OVoxel
 
 Y_UP_SUFFIXES = (".glb", ".gltf", ".obj")  # glTF is Y-up by definition; OBJ exporters default to Y-up
+LINEAR_COLOR_SUFFIXES = (".glb", ".gltf")  # glTF vertex colours are linear; PLY/OBJ/OFF ones are sRGB-encoded
 
 
 def up_axis(path: Path, choice: str) -> str:
@@ -143,7 +144,7 @@ def load_mesh_parts(path: Path, up: str) -> list[SurfaceMesh]:
         vertices = np.asarray(geometry.vertices, dtype=np.float64)
         if up == "y":
             vertices = np.stack([vertices[:, 0], -vertices[:, 2], vertices[:, 1]], axis=1)
-        uvs, colors, material = _visual(geometry.visual)
+        uvs, colors, material = _visual(geometry.visual, path.suffix.lower() in LINEAR_COLOR_SUFFIXES)
         parts.append(SurfaceMesh(vertices, np.asarray(geometry.faces), uvs=uvs, vertex_colors=colors,
                                  material=material))
     if not parts:
@@ -151,14 +152,17 @@ def load_mesh_parts(path: Path, up: str) -> list[SurfaceMesh]:
     return parts
 
 
-def _visual(visual) -> tuple[np.ndarray | None, np.ndarray | None, Material]:
-    """(uvs, vertex colours, Material) from a trimesh visual; glTF semantics for PBR materials."""
+def _visual(visual, linear_colors: bool) -> tuple[np.ndarray | None, np.ndarray | None, Material]:
+    """(uvs, linear vertex colours, Material) from a trimesh visual; glTF semantics for PBR materials (factors
+    linear, base-colour textures sRGB). `linear_colors`: the file's vertex colours are linear already."""
     from trimesh.visual.material import PBRMaterial, SimpleMaterial
 
-    from backend.ovoxel.encode import Material
+    from backend.ovoxel.encode import Material, srgb_to_linear
 
     if visual.kind in ("vertex", "face"):
         colors = np.asarray(visual.vertex_colors, dtype=np.float64) / 255.0
+        if not linear_colors:
+            colors[:, :3] = srgb_to_linear(colors[:, :3])
         return None, colors, Material(alpha_mode="BLEND" if (colors[:, 3] < 1).any() else "OPAQUE")
     if visual.kind != "texture" or visual.material is None:
         return None, None, Material()

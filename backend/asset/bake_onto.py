@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from backend.asset.bake import to_textures
-from backend.asset.meshutil import edges_of, vertex_normals
+from backend.asset.meshutil import edges_of
+from backend.asset.normals import vertex_normals
 from backend.asset.postprocess import BAKE, TEXTURES, UV, resolve_alpha_mode
 from backend.asset.raster import rasterize
 from backend.asset.sampling import sample_trilinear

@@ -2,6 +2,8 @@
 
 Loops are the connected components of the boundary-edge graph; only simple loops (every vertex on exactly two
 of the loop's boundary edges) are filled, so a pinched or branching boundary is left alone rather than guessed.
+Slits are filled whatever their length: loops whose vector area over half their perimeter (their mean width)
+is below `max_width`, such as the two sides of a cut the manifold repair left, which a fan closes flat.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import torch
 from backend.asset.meshutil import boundary_sides, connected_components
 
 
-def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor, max_perimeter: float
+def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor, max_perimeter: float, max_width: float = 0.0
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """(vertices, faces) with one new vertex and one fan triangle per boundary edge for each small hole.
 
@@ -34,7 +36,14 @@ def fill_small_holes(vertices: torch.Tensor, faces: torch.Tensor, max_perimeter:
     # no boolean scatter-reduce).
     branching = ((degree[a] != 2) | (degree[b] != 2)).long()
     simple = torch.zeros(nv, dtype=torch.long, device=f.device).index_add_(0, label, branching) == 0
-    fill = (perimeter[label] < max_perimeter) & simple[label]
+    centre = torch.zeros(nv, 3, dtype=vertices.dtype, device=f.device).index_add_(0, label, vertices[a])
+    centre = centre / torch.bincount(label, minlength=nv).clamp_min(1).unsqueeze(1).to(vertices.dtype)
+    c = centre[label]
+    swept = torch.zeros(nv, 3, dtype=vertices.dtype, device=f.device).index_add_(
+        0, label, torch.linalg.cross(vertices[a] - c, vertices[b] - c))
+    width = 0.5 * swept.norm(dim=1) / (0.5 * perimeter).clamp_min(1e-300)
+    small = (perimeter < max_perimeter) | (width < max_width)
+    fill = small[label] & simple[label]
     if not bool(fill.any()):
         return vertices, faces
 

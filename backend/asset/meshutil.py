@@ -68,24 +68,18 @@ def unit_face_normals(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torc
     return n / (2 * area).clamp_min(1e-300).unsqueeze(1), area
 
 
-def vertex_normals(vertices: torch.Tensor, faces: torch.Tensor) -> torch.Tensor:
-    """Area-weighted unit vertex normals [V, 3]; an unreferenced vertex gets +Z rather than NaN."""
-    n = face_normals(vertices, faces)
-    acc = torch.zeros_like(vertices).index_add_(0, faces.long().reshape(-1), n.repeat_interleave(3, dim=0))
-    length = acc.norm(dim=1, keepdim=True)
-    up = torch.zeros_like(acc)
-    up[:, 2] = 1.0
-    return torch.where(length > 1e-20, acc / length.clamp_min(1e-30), up)
+def compact_indices(faces: torch.Tensor, num_vertices: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept vertex ids in order, faces renumbered over them): unreferenced vertices dropped."""
+    used = torch.zeros(num_vertices, dtype=torch.bool, device=faces.device)
+    used[faces.long().reshape(-1)] = True
+    new_id = torch.cumsum(used, 0) - 1
+    return torch.nonzero(used).squeeze(1), new_id[faces.long()].to(faces.dtype)
 
 
 def compact(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Drops unreferenced vertices; keeps the order of those that stay."""
-    used = torch.zeros(vertices.shape[0], dtype=torch.bool, device=vertices.device)
-    used[faces.long().reshape(-1)] = True
-    new_id = torch.cumsum(used, 0) - 1
-    return vertices[used], new_id[faces.long()].to(faces.dtype)
-
-
+    kept, faces = compact_indices(faces, vertices.shape[0])
+    return vertices[kept], faces
 
 
 def jump_to_roots(parent: torch.Tensor) -> torch.Tensor:

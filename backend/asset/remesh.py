@@ -1,14 +1,14 @@
 """Remeshing by dual contouring of a narrow band of the unsigned distance field (spec §7.4 Branch B).
 
-The iso-surface UDF = band x voxel_size around the reference surface is a closed shell (both sides of open
-sheets, inner and outer offsets of closed parts), so remeshing trades the decoded mesh's holes and
-non-manifold spots for clean topology (dual contouring may still leave a rare non-manifold edge where the
-shell is thinner than a cell; the simplifier pins those). Simpler than the reference's coarse-to-fine band: the
-band is just the cells within two cells of a reference vertex (the shell is one voxel off the surface, and the
-dual-grid vertices lie inside their voxels up to half a voxel out), and the UDF comes from the exact
-closest-point search used for baking. The dual vertex of a cell is the mean of its edges' zero crossings;
-each sign-changing lattice edge gives a quad over its 4 cells, wound so normals point to positive UDF - band
-(out of the shell), and split along the diagonal whose triangles' normals agree best.
+The iso-surface UDF = band x voxel_size around the reference surface is a closed shell (both sides of open sheets,
+inner and outer offsets of closed parts), so remeshing trades the decoded mesh's holes and non-manifold spots for
+clean topology (dual contouring may still leave a rare non-manifold edge where the shell is thinner than a cell;
+manifold.make_manifold resolves those). Simpler than the reference's coarse-to-fine band: the band is just the cells
+within two cells of a reference vertex (the shell is one voxel off the surface, and the dual-grid vertices lie
+inside their voxels up to half a voxel out), and the UDF comes from the exact closest-point search used for baking.
+The dual vertex of a cell is the mean of its edges' zero crossings; each sign-changing lattice edge gives a quad
+over its 4 cells, wound so normals point to positive UDF - band (out of the shell), and split along the diagonal
+whose triangles' normals agree best.
 """
 
 from __future__ import annotations

@@ -5,8 +5,12 @@ Follows the reference encoders (o-voxel `mesh_to_flexible_dual_grid`, `textured_
   edge the surface crosses, edge flags, and each voxel's dual vertex from its box-constrained QEF of crossing
   planes, face planes, boundary lines and a pull towards the mean crossing point).
 - Attributes: every triangle that crosses an edge of a voxel adds one sample at the point of the triangle
-  nearest the voxel centre; a voxel's attributes are the plain mean of its samples. (The reference projects the
-  centre onto the triangle's plane without clamping and weights by 1 - distance, i.e. ~1: a plain mean too.)
+  nearest the voxel centre; a voxel's attributes are the plain mean of the samples of the surface its dual
+  vertex lies on: triangles whose planes pass within SURFACE_TOLERANCE of the nearest one's. (The reference
+  averages every sample, so two parts sharing a voxel bleed into each other; it projects the centre onto the
+  triangle's plane without clamping and weights by 1 - distance, i.e. ~1: a plain mean too.)
+- Colour spaces follow glTF: base-colour textures are sRGB-encoded, base-colour factors and vertex colours are
+  linear; their product is stored sRGB-encoded, as texture values are (and as the baked textures are read).
 - Split weights: the reference encoder has none (its decoder learns them). We pick, per quad, the diagonal the
   reference's own mesh extraction prefers (the split whose two triangle normals differ least) and fit one
   positive weight per voxel so the decoder's rule w0*w2 > w1*w3 reproduces as many of those picks as possible.
@@ -42,12 +46,15 @@ AABB = ((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))
 JITTER = np.array([0.7548776662, 0.5698402910, 0.4301597090]) * 1e-6
 
 
+SURFACE_TOLERANCE = 0.2  # voxels: samples of one voxel whose planes are this much farther away are another surface
+
+
 @dataclass(frozen=True, eq=False)  # eq=False: arrays have no truth value, so compare/hash by identity
 class Material:
     """glTF-style metal/rough material. Textures are uint8, top row first, sampled with v up (bilinear, repeat,
     mip-mapped to the voxel's footprint as the reference does). Defaults suit an untextured mesh."""
 
-    base_color: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # RGBA factor
+    base_color: tuple[float, float, float, float] = (1.0, 1.0, 1.0, 1.0)  # RGBA factor, linear RGB (glTF)
     metallic: float = 0.0
     roughness: float = 1.0
     base_color_texture: np.ndarray | None = None  # [H, W, 4] RGBA (or [H, W, 3])
@@ -63,7 +70,8 @@ class SurfaceMesh:
     vertices: np.ndarray  # [V, 3] float
     faces: np.ndarray  # [F, 3] int
     uvs: np.ndarray | None = None  # [V, 2], v up; needed by the material's textures
-    vertex_colors: np.ndarray | None = None  # [V, 3|4] in [0, 1], multiplies the base colour (and alpha)
+    vertex_colors: np.ndarray | None = None  # [V, 3|4] in [0, 1], linear RGB (glTF COLOR_0), multiplies the
+    # base colour (and alpha)
     material: Material = field(default_factory=Material)
 
 
@@ -211,30 +219,56 @@ def _angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 # Attributes
 
 
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    """sRGB-encoded values in [0, 1] -> linear (IEC 61966-2-1)."""
+    c = np.clip(c, 0.0, 1.0)
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    """Linear values in [0, 1] -> sRGB-encoded (IEC 61966-2-1)."""
+    c = np.clip(c, 0.0, 1.0)
+    return np.where(c <= 0.0031308, 12.92 * c, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
 def _voxel_attributes(parts: list[SurfaceMesh], vertices: np.ndarray, faces: np.ndarray, part_of_face: np.ndarray,
                       grid: DualGrid, resolution: int) -> np.ndarray:
-    """[N, 6] mean of the (triangle, voxel) samples: base colour, metallic, roughness, alpha."""
+    """[N, 6] mean of the (triangle, voxel) samples of the surface through each voxel's dual vertex: base colour,
+    metallic, roughness, alpha."""
     tri_id, row = grid.sample_pairs
+    n = grid.coords.shape[0]
     p = (vertices.astype(np.float64) + 0.5) * resolution
+    corners = p[faces[tri_id]]  # [M, 3, 3]
+    normal = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    length = np.linalg.norm(normal, axis=1)
+    dual = grid.coords[row].astype(np.float64) + grid.dual_vertices[row]
+    plane_distance = np.where(length > 0, np.abs(((dual - corners[:, 0]) * normal).sum(axis=1))
+                              / np.maximum(length, 1e-300), np.inf)
+    nearest = np.full(n, np.inf)
+    np.minimum.at(nearest, row, plane_distance)
+    own = plane_distance <= nearest[row] + SURFACE_TOLERANCE
+    own |= ~np.isfinite(nearest[row])  # a voxel crossed by degenerate triangles only keeps them all
+    tri_id, row, corners = tri_id[own], row[own], corners[own]
     centre = grid.coords[row].astype(np.float64) + 0.5
-    corners = [torch.from_numpy(p[faces[tri_id, k]]) for k in range(3)]
-    bary = closest_on_triangles(torch.from_numpy(centre), *corners).numpy()
+    bary = closest_on_triangles(torch.from_numpy(centre), *(torch.from_numpy(corners[:, k]) for k in range(3)))
+    bary = bary.numpy()
     samples = np.empty((tri_id.size, 6))
     offset = 0
     for index, part in enumerate(parts):
         sel = np.nonzero(part_of_face[tri_id] == index)[0]
         local = faces[tri_id[sel]] - offset
-        samples[sel] = _sample_material(part, local, bary[sel], p[faces[tri_id[sel]]])
+        samples[sel] = _sample_material(part, local, bary[sel], corners[sel])
         offset += part.vertices.shape[0]
-    total = _scatter(row, samples, grid.coords.shape[0])
-    return (total / np.bincount(row, minlength=grid.coords.shape[0])[:, None]).astype(np.float32)
+    total = _scatter(row, samples, n)
+    return (total / np.maximum(np.bincount(row, minlength=n), 1)[:, None]).astype(np.float32)
 
 
 def _sample_material(part: SurfaceMesh, corners: np.ndarray, bary: np.ndarray, tri: np.ndarray) -> np.ndarray:
-    """[M, 6] attributes of one part at barycentric points of its triangles (local vertex indices `corners`)."""
+    """[M, 6] attributes of one part at barycentric points of its triangles (local vertex indices `corners`),
+    base colour sRGB-encoded."""
     mat = part.material
     out = np.empty((bary.shape[0], 6))
-    rgba = np.broadcast_to(np.asarray(mat.base_color, dtype=np.float64), (bary.shape[0], 4)).copy()
+    rgba = np.broadcast_to(np.asarray(mat.base_color, dtype=np.float64), (bary.shape[0], 4)).copy()  # linear
     metal = np.full(bary.shape[0], float(mat.metallic))
     rough = np.full(bary.shape[0], float(mat.roughness))
     textured = mat.base_color_texture is not None or mat.metallic_roughness_texture is not None
@@ -245,8 +279,9 @@ def _sample_material(part: SurfaceMesh, corners: np.ndarray, bary: np.ndarray, t
         uv = (bary[..., None] * uv_tri).sum(axis=1)
         footprint = _uv_footprint(tri, uv_tri)
         if mat.base_color_texture is not None:
-            tex = _MipTexture(mat.base_color_texture)
-            rgba *= tex.sample(uv, footprint)
+            texel = _MipTexture(mat.base_color_texture).sample(uv, footprint)
+            rgba[:, :3] *= srgb_to_linear(texel[:, :3])
+            rgba[:, 3] *= texel[:, 3]
         if mat.metallic_roughness_texture is not None:
             mr = _MipTexture(mat.metallic_roughness_texture).sample(uv, footprint)
             rough *= mr[:, 1]
@@ -261,7 +296,7 @@ def _sample_material(part: SurfaceMesh, corners: np.ndarray, bary: np.ndarray, t
         alpha = np.ones_like(alpha)
     elif mat.alpha_mode == "MASK":
         alpha = (alpha >= mat.alpha_cutoff).astype(np.float64)
-    out[:, :3], out[:, 3], out[:, 4], out[:, 5] = rgba[:, :3], metal, rough, alpha
+    out[:, :3], out[:, 3], out[:, 4], out[:, 5] = linear_to_srgb(rgba[:, :3]), metal, rough, alpha
     return out
 
 

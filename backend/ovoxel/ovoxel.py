@@ -2,7 +2,9 @@
 
 Voxel i covers the cube [coords_i, coords_i + 1) · voxel_size + origin of a `resolution`³ grid over the unit cube
 [-0.5, 0.5]³ (Z-up, as the training data). `attrs` holds the 6 PBR channels per voxel in `PBR_LAYOUT` order,
-unclamped (clamping happens only when textures become 8-bit). The mesh is the decoder's raw dual-grid surface.
+unclamped (clamping happens only when textures become 8-bit). The mesh is the decoder's raw dual-grid surface,
+one vertex per voxel (vertex i is voxel i's dual vertex, whether a face uses it or not), which is how the asset
+step reads each surface point's own attributes.
 It may also carry its flexible dual grid, row-aligned with `coords` (spec §7.1): `dual_vertices` (voxel units
 from the voxel's min corner), `intersected` (edge flags) and `split_weight`. The generation pipeline and the
 encoder (`backend.ovoxel.encode`) both fill them; older files without them still load.

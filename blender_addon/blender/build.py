@@ -1,9 +1,15 @@
 """Blender data from a checked result (`core.result.MeshData`): mesh, packed images, material, object.
 
+Mesh: the result's vertices are split along UV seams and creases (as glTF needs); vertices at the same position are
+copies of one surface point (backend/asset/textured_mesh.py), so they are welded back into one, and a closed object
+is a closed mesh in Blender too (solidify, booleans, 3D printing). UVs and normals live on the face corners, so the
+seams and creases survive the weld: the faces are smooth-shaded and each corner gets its normal, smooth where the
+surface is smooth and split at creases.
+
 Speed: the mesh is written through attribute-level `foreach_set` (`position`, `.corner_vert`), 30-100x faster than
-`vertices.co` / `loops.vertex_index` and far faster than `from_pydata`; normals go into the `custom_normal`
-attribute (free normals, Blender 4.5+) instead of `normals_split_custom_set_from_vertices`, which takes about a
-second per million triangles. Images: the colour space is set before the pixels are written, since setting it
+`vertices.co` / `loops.vertex_index` and far faster than `from_pydata`; corner normals go into the `custom_normal`
+attribute (free normals, Blender 4.5+) instead of `normals_split_custom_set`, which takes about a second per million
+triangles. Images: the colour space is set before the pixels are written, since setting it
 afterwards silently discards them.
 
 Material: Principled BSDF with base colour, metallic (blue) and roughness (green) from the glTF-layout texture, and
@@ -21,21 +27,36 @@ from ..core.result import MeshData, Texture
 FREE_NORMALS = bpy.app.version >= (4, 5, 0)
 
 
+def weld(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(one row per distinct position, in order of first use; the row of each input vertex): bit-identical
+    positions become one vertex."""
+    keys = np.ascontiguousarray(positions, dtype=np.float32).view(np.dtype((np.void, 12))).ravel()
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first)
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return np.ascontiguousarray(positions[first[order]], dtype=np.float32), rank[inverse.reshape(-1)]
+
+
 def build_mesh(name: str, data: MeshData) -> bpy.types.Mesh:
     faces = data.face_count
+    positions, row = weld(data.positions)
     mesh = bpy.data.meshes.new(name)
-    mesh.vertices.add(len(data.positions))
+    mesh.vertices.add(len(positions))
     mesh.loops.add(3 * faces)
     mesh.polygons.add(faces)
-    mesh.attributes["position"].data.foreach_set("vector", data.positions.ravel())
-    mesh.attributes[".corner_vert"].data.foreach_set("value", data.corner_verts)
+    mesh.attributes["position"].data.foreach_set("vector", positions.ravel())
+    mesh.attributes[".corner_vert"].data.foreach_set("value", row[data.corner_verts].astype(np.int32))
     mesh.polygons.foreach_set("loop_start", np.arange(0, 3 * faces, 3, dtype=np.int32))
     mesh.update(calc_edges=True)
     mesh.uv_layers.new(name="UVMap").uv.foreach_set("vector", data.corner_uvs.ravel())
+    mesh.polygons.foreach_set("use_smooth", np.ones(faces, dtype=bool))
+    corner_normals = np.ascontiguousarray(data.normals[data.corner_verts], dtype=np.float32)
     if FREE_NORMALS:
-        mesh.attributes.new("custom_normal", "FLOAT_VECTOR", "POINT").data.foreach_set("vector", data.normals.ravel())
+        normals = mesh.attributes.new("custom_normal", "FLOAT_VECTOR", "CORNER")
+        normals.data.foreach_set("vector", corner_normals.ravel())
     else:
-        mesh.normals_split_custom_set_from_vertices(data.normals)
+        mesh.normals_split_custom_set(corner_normals)
     return mesh
 
 

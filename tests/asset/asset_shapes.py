@@ -130,3 +130,104 @@ def sheet(n: int, size: float = 0.8, wave: float = 0.05) -> tuple[torch.Tensor, 
     a = (i * (n + 1) + j).reshape(-1)
     b, c, d = a + n + 1, a + n + 2, a + 1
     return vertices, torch.cat([torch.stack([a, b, c], 1), torch.stack([a, c, d], 1)]).int()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Source meshes for the encode -> decode quality checks (float64 vertices, int64 faces, counter-clockwise outside)
+
+
+def box(size: tuple[float, float, float], centre: tuple[float, float, float] = (0.0, 0.0, 0.0), n: int = 1
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed box, each side an n x n grid of quads."""
+    vertices, faces = [], []
+    u = torch.linspace(-0.5, 0.5, n + 1, dtype=torch.float64)
+    gu, gv = torch.meshgrid(u, u, indexing="ij")
+    i, j = torch.meshgrid(torch.arange(n), torch.arange(n), indexing="ij")
+    a = (i * (n + 1) + j).reshape(-1)
+    quads = torch.stack([a, a + n + 1, a + n + 2, a + 1], 1)
+    offset = 0
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            p = torch.zeros((n + 1) ** 2, 3, dtype=torch.float64)
+            ax_u, ax_v = (axis + 1) % 3, (axis + 2) % 3
+            p[:, axis], p[:, ax_u], p[:, ax_v] = 0.5 * sign, gu.reshape(-1), gv.reshape(-1)
+            q = quads if sign > 0 else quads.flip(1)
+            vertices.append(p)
+            faces.append(torch.cat([q[:, [0, 1, 2]], q[:, [0, 2, 3]]]) + offset)
+            offset += p.shape[0]
+    v = torch.cat(vertices) * torch.tensor(size, dtype=torch.float64) + torch.tensor(centre, dtype=torch.float64)
+    return v, torch.cat(faces)
+
+
+def prism(outline: torch.Tensor, height: float, centre: tuple[float, float, float] = (0.0, 0.0, 0.0), axis: int = 2
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed prism over a star-shaped (about its origin) counter-clockwise outline [M, 2], along `axis`."""
+    m = outline.shape[0]
+    o = outline.double()
+    ring = lambda z: torch.cat([o, torch.full((m, 1), z, dtype=torch.float64)], 1)  # noqa: E731
+    v = torch.cat([ring(-height / 2), ring(height / 2), torch.tensor([[0, 0, -height / 2], [0, 0, height / 2]],
+                                                                     dtype=torch.float64)])
+    i = torch.arange(m)
+    j = (i + 1) % m
+    bottom, top = torch.full_like(i, 2 * m), torch.full_like(i, 2 * m + 1)
+    f = torch.cat([torch.stack([i, j, m + j], 1), torch.stack([i, m + j, m + i], 1),
+                   torch.stack([bottom, j, i], 1), torch.stack([top, m + i, m + j], 1)])
+    order = [(axis + 1) % 3, (axis + 2) % 3, axis]
+    out = torch.empty_like(v)
+    out[:, order] = v
+    return out + torch.tensor(centre, dtype=torch.float64), f
+
+
+def cylinder(radius: float, height: float, centre: tuple[float, float, float] = (0.0, 0.0, 0.0), axis: int = 2,
+             sections: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    t = torch.arange(sections, dtype=torch.float64) * 2 * math.pi / sections
+    return prism(radius * torch.stack([torch.cos(t), torch.sin(t)], 1), height, centre, axis)
+
+
+def gear(radius: float, depth: float, thickness: float, teeth: int, centre: tuple[float, float, float] = (0, 0, 0)
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spur-gear-like prism: `teeth` square teeth `depth` deep around a disc of `radius`."""
+    k = torch.arange(4 * teeth)
+    t = (k.double() + 0.5) * 2 * math.pi / (4 * teeth)
+    r = torch.where((k // 2) % 2 == 0, radius, radius - depth).double()
+    return prism(torch.stack([r * torch.cos(t), r * torch.sin(t)], 1), thickness, centre)
+
+
+def concatenate(*meshes: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    vertices, faces, offset = [], [], 0
+    for v, f in meshes:
+        vertices.append(v)
+        faces.append(f + offset)
+        offset += v.shape[0]
+    return torch.cat(vertices), torch.cat(faces)
+
+
+def bumpy_ball(radius: float = 0.4, level: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed smooth blob: a subdivided icosahedron with low-frequency bumps."""
+    v, f = uv_sphere(16 * level, 32 * level, 1.0)
+    v = v.double()
+    bump = 1 + 0.12 * torch.sin(3 * v[:, 0]) * torch.cos(2 * v[:, 1] + 1) + 0.08 * torch.sin(4 * v[:, 2])
+    return v * (radius * bump).unsqueeze(1), f.long()
+
+
+def engine() -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[tuple[float, float, float, float]]]:
+    """Many touching and crossing parts (the raw dual-grid surface has non-manifold edges where they meet), each
+    with its own linear RGBA colour: a block, crossing shafts, gears on the shafts, touching plates, bolts."""
+    parts = [
+        box((0.5, 0.3, 0.25), (0.0, 0.0, -0.1)),
+        cylinder(0.06, 0.8, (0.0, 0.0, 0.05), axis=0),
+        cylinder(0.05, 0.6, (0.0, 0.0, 0.05), axis=1),
+        gear(0.16, 0.035, 0.05, 16, (0.3, 0.0, 0.05)),
+        gear(0.12, 0.03, 0.05, 12, (-0.3, 0.0, 0.05)),
+        box((0.2, 0.2, 0.03), (0.12, 0.08, 0.04)),  # lies on the block's top
+        box((0.15, 0.25, 0.04), (-0.1, -0.05, 0.045)),
+    ]
+    parts += [cylinder(0.02, 0.1, (x, y, 0.05), sections=16) for x in (-0.2, 0.2) for y in (-0.11, 0.11)]
+    colours = [(0.8, 0.05, 0.02, 1.0), (0.1, 0.6, 0.9, 1.0), (0.9, 0.75, 0.0, 1.0), (0.05, 0.5, 0.1, 1.0),
+               (0.6, 0.1, 0.7, 1.0), (0.9, 0.9, 0.9, 1.0), (0.2, 0.2, 0.2, 1.0)] + [(0.5, 0.5, 0.5, 1.0)] * 4
+    return parts, colours
+
+
+def fin_body() -> tuple[torch.Tensor, torch.Tensor]:
+    """A box with a thin fin (0.15 voxel at 64^3) standing on its top: a part thinner than a voxel."""
+    return concatenate(box((0.5, 0.4, 0.3), (0.0, 0.0, -0.1), n=4), box((0.3, 0.0025, 0.2), (0.0, 0.0, 0.149)))

@@ -321,20 +321,28 @@ def test_bad_inputs_are_refused() -> None:
 # Attributes
 
 
+def srgb(linear: np.ndarray) -> np.ndarray:
+    """sRGB encoding (IEC 61966-2-1), written out here independently of the encoder's."""
+    linear = np.asarray(linear, dtype=np.float64)
+    return np.where(linear <= 0.0031308, 12.92 * linear, 1.055 * linear ** (1 / 2.4) - 0.055)
+
+
 def test_constant_material_fills_every_voxel() -> None:
+    """glTF's baseColorFactor is linear; voxels hold sRGB-encoded colour like texture values (0.2 -> 124/255)."""
     v, f = _mesh(trimesh.creation.icosphere(2, radius=0.3))
     ov = encode_mesh(SurfaceMesh(v, f, material=Material(base_color=(0.2, 0.4, 0.6, 1.0), metallic=0.3,
                                                           roughness=0.8)), 16)
-    np.testing.assert_allclose(ov.attrs, np.tile([0.2, 0.4, 0.6, 0.3, 0.8, 1.0], (len(ov.attrs), 1)), atol=1e-6)
+    expected = [0.484529, 0.665185, 0.797738, 0.3, 0.8, 1.0]  # sRGB of (0.2, 0.4, 0.6); metal/rough/alpha linear
+    np.testing.assert_allclose(ov.attrs, np.tile(expected, (len(ov.attrs), 1)), atol=1e-5)
 
 
 def test_vertex_colours_follow_the_surface() -> None:
     m = trimesh.creation.icosphere(4, radius=0.35)
     v, f = _mesh(m)
     normal = v / np.linalg.norm(v, axis=1, keepdims=True)
-    ov = encode_mesh(SurfaceMesh(v, f, vertex_colors=0.5 + 0.5 * normal), R)
+    ov = encode_mesh(SurfaceMesh(v, f, vertex_colors=0.5 + 0.5 * normal), R)  # linear, as glTF's COLOR_0
     centre = (ov.coords + 0.5) / R - 0.5
-    expected = 0.5 + 0.5 * centre / np.linalg.norm(centre, axis=1, keepdims=True)
+    expected = srgb(0.5 + 0.5 * centre / np.linalg.norm(centre, axis=1, keepdims=True))
     err = np.abs(ov.attrs[:, :3] - expected)
     assert err.mean() < 0.01 and err.max() < 0.06
     assert np.allclose(ov.attrs[:, 5], 1.0)  # OPAQUE ignores colour alpha

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from asset_shapes import sheet, sphere_sdf, uv_sphere, voxelize
 
-from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces, unify_orientation
+from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces
+from backend.asset.orientation import unify_orientation
 from backend.asset.holes import fill_small_holes
 from backend.asset.meshutil import compact, connected_components, edges_of
 
@@ -50,6 +51,7 @@ def test_decoded_dual_grid_mesh_becomes_consistent_and_outward() -> None:
     v, f = torch.from_numpy(ov.vertices), torch.from_numpy(ov.faces)
     assert not directed_edges_agree(f)  # the decoder's fixed per-axis corner order
     v, f = clean(v, f)
+    f = unify_orientation(v, f)
     assert directed_edges_agree(f)
     assert abs(signed_volume(v, f) - 4 / 3 * torch.pi * 0.3**3) < 0.03 * 4 / 3 * torch.pi * 0.3**3
 
@@ -105,3 +107,22 @@ def test_compact_drops_unreferenced_vertices_in_order() -> None:
     v2, f2 = compact(v, f)
     assert v2.tolist() == [v[1].tolist(), v[3].tolist(), v[4].tolist()]
     assert f2.tolist() == [[2, 0, 1]]
+
+
+def test_open_pieces_face_the_side_seen_from_outside() -> None:
+    """A bowl (lower half of a sphere) faces its convex side out, from either winding; a lone flat sheet, seen
+    equally from both sides, faces up."""
+    v, f = uv_sphere(24, 32)
+    centre = v[f.long()].mean(dim=1)
+    bowl = compact(v, f[centre[:, 2] < 0])
+    for faces in (bowl[1], bowl[1][:, [0, 2, 1]]):
+        oriented = unify_orientation(bowl[0], faces)
+        assert directed_edges_agree(oriented)
+        p = bowl[0][oriented.long()]
+        normal = torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])
+        assert bool(((normal * p.mean(dim=1)).sum(dim=1) > 0).all())  # away from the sphere's centre
+    sv, sf = sheet(10, wave=0.0)
+    for faces in (sf, sf[:, [0, 2, 1]]):
+        oriented = unify_orientation(sv, faces)
+        p = sv[oriented.long()]
+        assert bool((torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0])[:, 2] > 0).all())

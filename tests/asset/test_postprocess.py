@@ -11,7 +11,7 @@ from test_mesh_repair import directed_edges_agree, signed_volume
 
 from backend.asset.meshutil import edges_of
 from backend.ovoxel.ovoxel import OVoxel
-from backend.asset.postprocess import asset_stages, build_textured_mesh, reference_surface
+from backend.asset.postprocess import asset_stages, build_textured_mesh, manifold_surface
 from backend.asset.remesh import remesh_narrow_band
 from backend.asset.textured_mesh import AssetSettings
 
@@ -85,7 +85,7 @@ def test_cancel_from_progress(ovoxel: OVoxel) -> None:
 
 def test_remesh_gives_a_closed_outward_shell() -> None:
     ov = voxelize(sphere_sdf((0.02, 0.0, 0.0), 0.3), 32)
-    v, f = reference_surface(torch.from_numpy(ov.vertices), torch.from_numpy(ov.faces), 3e-2)
+    v, f, _ = manifold_surface(torch.from_numpy(ov.vertices), torch.from_numpy(ov.faces), 3e-2, 1e-3)
     rv, rf = remesh_narrow_band(v, f, 32, band=1.0)
     edges = edges_of(rf, rv.shape[0])
     assert bool((edges.count == 2).all())

@@ -119,3 +119,49 @@ def test_a_million_triangle_mesh_builds_well_under_a_second(addon) -> None:
     assert len(me.polygons) == 999_698
     bpy.data.meshes.remove(me)
     assert seconds < 1.0, f"building took {seconds:.2f} s"
+
+
+def split_cube() -> dict[str, np.ndarray]:
+    """A unit cube as a backend result sends it: 4 vertices of its own per side (24), flat normals per side."""
+    positions, normals, indices = [], [], []
+    for axis in range(3):
+        for sign in (-1.0, 1.0):
+            u, v = [a for a in range(3) if a != axis]
+            corners = []
+            for cu, cv in ((-1, -1), (1, -1), (1, 1), (-1, 1)):
+                p = np.zeros(3)
+                p[axis], p[u], p[v] = 0.5 * sign, 0.5 * cu, 0.5 * cv
+                corners.append(p)
+            n = np.zeros(3)
+            n[axis] = sign
+            first = len(positions)
+            positions += corners
+            normals += [n] * 4
+            quad = [first, first + 1, first + 2, first + 3]
+            if np.dot(np.cross(corners[1] - corners[0], corners[2] - corners[0]), n) < 0:
+                quad = quad[::-1]
+            indices += [[quad[0], quad[1], quad[2]], [quad[0], quad[2], quad[3]]]
+    positions = np.array(positions, np.float32)
+    return {"positions": positions, "indices": np.array(indices, np.uint32), "normals": np.array(normals, np.float32),
+            "uvs": (positions[:, :2] + 0.5).astype(np.float32)}
+
+
+def test_split_vertices_are_welded_into_a_closed_smooth_shaded_mesh_with_sharp_corner_normals(scene) -> None:
+    cube = split_cube()
+    data = addon_module("core.result").mesh_data(cube, synthetic.textures(16), synthetic.metadata("OPAQUE", False))
+    me = addon_module("blender.build").build_mesh("cube", data)
+    assert (len(me.vertices), len(me.edges), len(me.polygons)) == (8, 18, 12)  # welded: V - E + F = 2
+    counts: dict[tuple[int, int], int] = {}
+    for polygon in me.polygons:
+        for key in polygon.edge_keys:
+            counts[key] = counts.get(key, 0) + 1
+    assert sorted(set(counts.values())) == [2]  # every edge on two faces: closed and manifold
+    assert all(p.use_smooth for p in me.polygons)
+    normals = np.empty(3 * 12 * 3, np.float32)
+    me.corner_normals.foreach_get("vector", normals)
+    expected = cube["normals"][cube["indices"].reshape(-1)]
+    assert np.allclose(normals.reshape(-1, 3), expected, atol=1e-5)  # each side keeps its own (sharp) normal
+    uvs = np.empty(3 * 12 * 2, np.float32)
+    me.uv_layers["UVMap"].uv.foreach_get("vector", uvs)
+    assert np.array_equal(uvs.reshape(-1, 2), cube["uvs"][cube["indices"].reshape(-1)])  # seams survive the weld
+    bpy.data.meshes.remove(me)
