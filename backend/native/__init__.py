@@ -14,9 +14,10 @@ from collections.abc import Iterator
 
 import torch
 
-# "auto": Triton kernels on CUDA tensors; "torch": the plain-torch references everywhere (for A/B comparisons and
-# as the escape hatch should a kernel misbehave on some GPU). Read once from TRELLIS2_KERNELS at import.
-KERNEL_MODES = ("auto", "torch")
+# "auto": Triton kernels on CUDA tensors and CUDA-graph replay of the flows; "eager": the kernels without graphs;
+# "torch": the plain-torch references everywhere, no graphs (for A/B comparisons, and the escape hatch should a
+# kernel misbehave on some GPU). Read from TRELLIS2_KERNELS at import; `kernel_mode` changes it for a while.
+KERNEL_MODES = ("auto", "eager", "torch")
 _kernel_mode = os.environ.get("TRELLIS2_KERNELS", "auto")
 if _kernel_mode not in KERNEL_MODES:
     raise ValueError(f"TRELLIS2_KERNELS must be one of {KERNEL_MODES}, got {_kernel_mode!r}")
@@ -28,6 +29,11 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def kernels_enabled() -> bool:
     """False while every op is told to run its torch reference (TRELLIS2_KERNELS=torch or `kernel_mode`)."""
+    return _kernel_mode != "torch"
+
+
+def graphs_enabled() -> bool:
+    """Whether the flows may capture and replay CUDA graphs (mode "auto" only)."""
     return _kernel_mode == "auto"
 
 
@@ -43,7 +49,7 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def kernel_mode(mode: str) -> Iterator[None]:
-    """Temporarily run every op in `mode` ("auto" or "torch"); the benchmark uses it to time both paths."""
+    """Temporarily run every op in `mode` (one of KERNEL_MODES); the benchmark uses it to time each path."""
     global _kernel_mode
     if mode not in KERNEL_MODES:
         raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")

@@ -8,6 +8,10 @@ decoder's subdivisions so both end on the same voxels in the same row order.
 
 With use_fp16, the Linear/conv parameters inside `blocks` are stored in fp16 and the torso computes in fp16
 (fp32 on CPU, see `compute_dtype`); LayerNorms always compute in fp32.
+
+Memory: the finest levels hold millions of voxels, so everything that widens the features (the ConvNeXt MLP's
+4x hidden layer, the up-block's 8 x O conv output before the children are picked, the float32 head) runs over
+blocks of rows of at most CHUNK_ELEMENTS values; row-wise work is unchanged by the blocking.
 """
 
 from __future__ import annotations
@@ -22,12 +26,21 @@ import torch.nn.functional as F
 
 from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh
 from backend.native import compute_dtype
+from backend.native.fused_layer_norm import fused_layer_norm
 from backend.native.sparse_conv import build_neighbour_map, submanifold_conv3d
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.transformer import LayerNorm32
 
 NEIGHBOUR_MAP_KEY = "submanifold_conv3d_3x3x3"
 MESH_AABB = ((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))
+# Values in one block of widened rows: 2^25 is 64 MiB in fp16 (the GPU torso), 128 MiB in fp32.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering `rows` rows, each with at most CHUNK_ELEMENTS // row_elements rows."""
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 class Linear(nn.Linear):
@@ -73,8 +86,12 @@ class SparseConvNeXtBlock3d(nn.Module):
         self.mlp = nn.Sequential(Linear(channels, hidden), nn.SiLU(), Linear(hidden, channels))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = self.mlp(self.norm(self.conv(x).feats))
-        return x.replace(h + x.feats)
+        h = self.conv(x).feats
+        up, _silu, down = self.mlp
+        for start, stop in row_blocks(h.shape[0], up.out_features):  # h's rows become the block's output rows
+            _, normed = fused_layer_norm(h[start:stop], self.norm.eps, self.norm.weight, self.norm.bias)
+            torch.add(down(F.silu(up(normed), inplace=True)), x.feats[start:stop], out=h[start:stop])
+        return x.replace(h)
 
 
 def subdivide(coords: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,13 +144,30 @@ class SparseResBlockC2S3d(nn.Module):
     def forward(self, x: SparseTensor, guide: SparseTensor | None = None) -> tuple[SparseTensor, SparseTensor]:
         """Returns (children features [M, O], the subdivision logits used [N, 8] on x's voxels)."""
         logits = self.subdivision_logits(x, guide)
-        h = self.conv1(x.replace(F.silu(self.norm1(x.feats))))
         slot, child_coords = subdivide(x.coords, logits.feats > 0)
         n, c = x.feats.shape
-        h = SparseTensor(h.feats.reshape(n * 8, self.out_channels)[slot], child_coords)
-        skip = x.feats.reshape(n * 8, c // 8)[slot].repeat_interleave(self.out_channels // (c // 8), dim=1)
-        h = self.conv2(h.replace(F.silu(self.norm2(h.feats))))
-        return h.replace(h.feats + skip), logits
+        o = self.out_channels
+        _, act = fused_layer_norm(x.feats, self.norm1.eps, self.norm1.weight, self.norm1.bias, silu=True)
+        weight, bias = self.conv1.weight.to(act.dtype), self.conv1.bias.to(act.dtype)
+        neighbours = neighbour_map(x)
+        # conv1 gives all 8 children's features of a parent (8 x O channels); compute it for a block of parents
+        # at a time and keep only the children that exist (children come parent-major, so each block's are a run).
+        blocks = row_blocks(n, 8 * o)
+        starts = torch.tensor([start for start, _ in blocks] + [n], device=slot.device)
+        bounds = torch.searchsorted(slot, starts * 8).tolist()
+        children = act.new_empty(slot.shape[0], o)
+        for (start, stop), lo, hi in zip(blocks, bounds, bounds[1:]):
+            parents = submanifold_conv3d(act, neighbours[start:stop], weight, bias)
+            children[lo:hi] = parents.view(-1, o)[slot[lo:hi] - start * 8]
+        del act
+        _, act = fused_layer_norm(children, self.norm2.eps, silu=True)
+        del children
+        h = SparseTensor(act, child_coords)
+        out = self.conv2(h).feats
+        # The skip is channel group k of the parent for child k, each value repeated O / (C / 8) times.
+        skip = x.feats.reshape(n * 8, c // 8)[slot]
+        out.view(-1, c // 8, o // (c // 8)).add_(skip.unsqueeze(2))
+        return h.replace(out), logits
 
 
 BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
@@ -202,8 +236,12 @@ class SparseUnetVaeDecoder(nn.Module):
                     subs.append(logits)
                 else:
                     h = block(h)
-        feats = F.layer_norm(h.feats.to(x.dtype), h.feats.shape[-1:])
-        return h.replace(self.output_layer(feats)), subs
+        out = h.feats.new_empty(h.feats.shape[0], self.output_layer.out_features, dtype=x.dtype)
+        for start, stop in row_blocks(h.feats.shape[0], h.feats.shape[1]):
+            feats = F.layer_norm(h.feats[start:stop].to(x.dtype), h.feats.shape[-1:])
+            out[start:stop] = self.output_layer(feats)
+        # A fresh cache: the finest level's neighbour map is not needed by whoever keeps the output.
+        return SparseTensor(out, h.coords), subs
 
     def forward(
         self, x: SparseTensor, guide_subs: list[SparseTensor] | None = None, return_subs: bool = False

@@ -28,6 +28,7 @@ from backend.native.linear_gelu import linear_gelu
 from backend.native.rms_norm_rope import apply_rope_torch as apply_rope
 from backend.native.rms_norm_rope import rms_norm_rope, rms_norm_torch
 from backend.trellis2.attention import attention
+from backend.trellis2.cuda_graphs import FlowGraphs
 
 DTYPES = {
     "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16,
@@ -298,6 +299,7 @@ class FlowTransformer(nn.Module):
             for _ in range(num_blocks)
         )
         self.out_layer = nn.Linear(model_channels, out_channels)
+        self.graphs: FlowGraphs | None = None  # set while a sampler runs inside `captured_graphs(self)`
 
     def forward_tokens(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, packing: Packing, phases: torch.Tensor
@@ -305,6 +307,13 @@ class FlowTransformer(nn.Module):
         """x [N, Cin] packed rows; t [B] (1000 * flow time); cond [B, L, Cc]; phases [N, D/2] -> [N, Cout]."""
         if cond.shape[0] != len(packing.seqlens):
             raise ValueError(f"cond has {cond.shape[0]} items but the tokens have {len(packing.seqlens)}")
+        if self.graphs is not None:
+            return self.graphs.run(self._forward_tokens, (x, t, cond, phases), packing, tuple(packing.seqlens))
+        return self._forward_tokens(x, t, cond, phases, packing)
+
+    def _forward_tokens(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, phases: torch.Tensor, packing: Packing
+    ) -> torch.Tensor:
         h = self.input_layer(x).type(self.dtype)
         t_emb = self.t_embedder(t)
         if self.share_mod:
