@@ -131,9 +131,8 @@ class ModelStore:
             return
         pin = device.type == "cuda"
         for name, model in models.items():
-            model.to("cpu")
             self.host[name] = [
-                (module, kind, key, tensor.detach().pin_memory() if pin else tensor.detach())
+                (module, kind, key, _host_copy(tensor.detach(), pin))
                 for module in model.modules()
                 for kind in ("_parameters", "_buffers")
                 for key, tensor in getattr(module, kind).items()
@@ -162,6 +161,14 @@ class ModelStore:
                 self._point_at(name, lambda host: host)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+
+def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """The tensor in host memory, page-locked when `pin` (also straight from the GPU, which is fast when pinned)."""
+    if not pin:
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor)
 
 
 def model_bytes(models: dict[str, nn.Module]) -> int:
