@@ -49,9 +49,11 @@ OCCUPANCY = 0.008  # calibration: fraction of the 64³ structure grid occupied
 SUBDIVIDE = 0.5  # calibration: fraction of children kept per subdivided voxel (4 of 8)
 
 
-def random_model(name: str, device: torch.device | str) -> nn.Module:
-    """Full-size model `name` (a key of MODELS) with random weights, built without a CPU copy."""
-    cls_name, args = MODELS[name]
+def random_model(name: str, device: torch.device | str,
+                 configs: dict[str, tuple[str, dict[str, Any]]] = MODELS) -> nn.Module:
+    """Model `name` of `configs` (class name, args; default the full-size MODELS) with random weights, built
+    where it will run, without a CPU copy."""
+    cls_name, args = configs[name]
     model = build_model({"name": cls_name, "args": args}, "meta").to_empty(device=device)
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -83,7 +85,8 @@ def random_pipeline(models: dict[str, nn.Module], conditioner: nn.Module, device
                     offload: bool) -> Trellis2Pipeline:
     """A pipeline of the given models with pipeline.json's samplers; offload=True moves the models to host memory."""
     gen = torch.Generator().manual_seed(0)
-    norm = {"mean": (torch.randn(32, generator=gen) * 0.5).tolist(), "std": [5.0] * 32}
+    latent = models["shape_slat_flow_model_512"].out_channels
+    norm = {"mean": (torch.randn(latent, generator=gen) * 0.5).tolist(), "std": [5.0] * latent}
     config = {"args": {**{k: {"params": v} for k, v in SAMPLERS.items()}, "shape_slat_normalization": norm,
                        "tex_slat_normalization": norm, "default_pipeline_type": "1024_cascade"}}
     return Trellis2Pipeline(config, ModelStore(models, device, offload), conditioner, remover=None)
@@ -92,13 +95,14 @@ def random_pipeline(models: dict[str, nn.Module], conditioner: nn.Module, device
 def calibrate(models: dict[str, nn.Module], device: torch.device) -> dict[str, Any]:
     """Shift the random decoders' biases so that token counts look like a real object's (OCCUPANCY, SUBDIVIDE)."""
     with torch.inference_mode():
-        dec = models["sparse_structure_decoder"].to(device)
-        z = torch.randn(1, 8, 16, 16, 16, device=device)
+        flow, dec = models["sparse_structure_flow_model"], models["sparse_structure_decoder"].to(device)
+        r = flow.resolution
+        z = torch.randn(1, flow.in_channels, r, r, r, device=device)
         logits = dec(z).flatten().float()
         dec.out_layer[2].bias -= torch.quantile(logits[::7], 1 - OCCUPANCY)
         coords = torch.argwhere(torch.nn.functional.max_pool3d((dec(z) > 0).float(), 2, 2, 0) > 0.5)[:, [0, 2, 3, 4]]
-        lr = SparseTensor(torch.randn(coords.shape[0], 32, device=device), coords.int())
         shape_dec = models["shape_slat_decoder"].to(device)
+        lr = SparseTensor(torch.randn(coords.shape[0], shape_dec.from_latent.in_features, device=device), coords.int())
         for level in range(4):
             up = shape_dec.blocks[level][-1]
             seen = []

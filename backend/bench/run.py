@@ -23,9 +23,8 @@ from backend.bench.objects import OBJECTS, ProceduralObject
 from backend.bench.oracle import StructureOracle, SubdivisionState, subdivision_oracle
 from backend.trellis2.cuda_graphs import CAPTURE_STATS
 from backend.trellis2.pipeline import GenerationSettings, choose_offload, model_bytes
+from backend.trellis2.ss_decoder import UpsampleBlock3d
 
-SS_GRID = 64  # the sparse-structure decoder's output grid
-LR_GRID = 32  # the first shape flow's latent grid
 GIB = 2**30
 
 
@@ -84,16 +83,26 @@ def disc_image(size: int = 768) -> Image.Image:
     return Image.fromarray(rgba, "RGBA")
 
 
-class Bench:
-    """One set of random full-size models, reused by every configuration."""
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, device: torch.device) -> None:
+
+class Bench:
+    """One set of random models (full size unless `configs` says otherwise), reused by every configuration."""
+
+    def __init__(self, device: torch.device, configs: dict[str, tuple[str, dict[str, Any]]] = MODELS,
+                 conditioner: torch.nn.Module | None = None) -> None:
         torch.manual_seed(0)
         self.device = device
-        self.models = {name: random_model(name, device) for name in MODELS}
-        self.conditioner = random_conditioner(device)
+        self.models = {name: random_model(name, device, configs) for name in configs}
+        self.conditioner = conditioner if conditioner is not None else random_conditioner(device)
         self.image = disc_image()
         self.calibrated = False
+        # The structure flow's grid times the decoder's upsampling, and the first shape flow's latent grid.
+        upsamplings = sum(isinstance(m, UpsampleBlock3d) for m in self.models["sparse_structure_decoder"].modules())
+        self.ss_grid = self.models["sparse_structure_flow_model"].resolution << upsamplings
+        self.lr_grid = self.models["shape_slat_flow_model_512"].resolution
 
     def run(self, pipeline_type: str, memory: str, runs: int, kernels: str, structure: str,
             asset: bool = False) -> RunResult:
@@ -109,11 +118,11 @@ class Bench:
                 self.calibrated = True
         else:
             obj = OBJECTS[structure]()
-            ss_voxels = obj.structure(SS_GRID)
-            lr_tokens = int(torch.unique(ss_voxels.long() // (SS_GRID // LR_GRID), dim=0).shape[0])
+            ss_voxels = obj.structure(self.ss_grid)
+            lr_tokens = int(torch.unique(ss_voxels.long() // (self.ss_grid // self.lr_grid), dim=0).shape[0])
             models["sparse_structure_decoder"] = StructureOracle(models["sparse_structure_decoder"], ss_voxels,
-                                                                 SS_GRID)
-            state = SubdivisionState(obj, lr_tokens, LR_GRID, shape_decoder)
+                                                                 self.ss_grid)
+            state = SubdivisionState(obj, lr_tokens, self.lr_grid, shape_decoder)
         offload = choose_offload(memory, self.device, model_bytes(models))
         pipe = random_pipeline(models, self.conditioner, self.device, offload)
         settings = GenerationSettings(pipeline_type=pipeline_type, seed=1)
@@ -124,7 +133,7 @@ class Bench:
             pipeline=pipeline_type, memory="offload" if offload else "gpu", structure=structure,
             kernels=kernels, seconds=last["seconds"], stages=last["stages"],
             peak_allocated_gib=last["peak_allocated"] / GIB, peak_reserved_gib=last["peak_reserved"] / GIB,
-            weights_gib=((0 if offload else model_bytes(models)) + model_bytes({"c": self.conditioner})) / GIB,
+            weights_gib=((0 if offload else model_bytes(models)) + model_bytes({"c": self.conditioner.model})) / GIB,
             lr_tokens=last["lr_tokens"], hr_tokens=last["ovoxel"].metadata["tokens"],
             voxels=int(last["ovoxel"].coords.shape[0]), faces=int(last["ovoxel"].faces.shape[0]),
             resolution=last["ovoxel"].resolution, oracle_seconds=last["oracle"],
@@ -139,17 +148,19 @@ class Bench:
         timeline: list[tuple[str, float, float]] = []
 
         def progress(stage: str, step: int, total: int) -> None:
-            torch.cuda.synchronize(self.device)
+            _sync(self.device)
             timeline.append((stage, time.perf_counter(), state.seconds if state is not None else 0.0))
 
         if state is not None:
             state.seconds = 0.0
         graphs, capture = CAPTURE_STATS["graphs"], CAPTURE_STATS["seconds"]
-        torch.cuda.synchronize(self.device)
-        torch.cuda.reset_peak_memory_stats(self.device)
+        cuda = self.device.type == "cuda"
+        _sync(self.device)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
         ovoxel = pipe.run(self.image, settings, progress)
-        torch.cuda.synchronize(self.device)
+        _sync(self.device)
         seconds = time.perf_counter() - start
         stages: dict[str, float] = {}
         previous, previous_oracle = start, 0.0
@@ -157,9 +168,10 @@ class Bench:
             stages[stage] = stages.get(stage, 0.0) + (stamp - previous) - (oracle - previous_oracle)
             previous, previous_oracle = stamp, oracle
         oracle_total = timeline[-1][2] if timeline else 0.0
+        stages["ovoxel"] = seconds - (previous - start) - (oracle_total - previous_oracle)  # after the last event
         return {"seconds": seconds - oracle_total, "stages": stages, "ovoxel": ovoxel, "oracle": oracle_total,
-                "peak_allocated": torch.cuda.max_memory_allocated(self.device),
-                "peak_reserved": torch.cuda.max_memory_reserved(self.device),
+                "peak_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
+                "peak_reserved": torch.cuda.max_memory_reserved(self.device) if cuda else 0,
                 "lr_tokens": state.lr_tokens if state is not None else -1,
                 "graphs": CAPTURE_STATS["graphs"] - graphs, "capture_seconds": CAPTURE_STATS["seconds"] - capture}
 
@@ -169,10 +181,10 @@ class Bench:
         from backend.asset.textured_mesh import AssetSettings
 
         try:
-            torch.cuda.synchronize(self.device)
+            _sync(self.device)
             start = time.perf_counter()
             build_textured_mesh(ovoxel, AssetSettings(faces=500_000, texture_size=2048), device=self.device)
-            torch.cuda.synchronize(self.device)
+            _sync(self.device)
             return time.perf_counter() - start, None
         except Exception as exc:  # a broken asset step is reported, not allowed to end the benchmark
             return None, f"{type(exc).__name__}: {exc}"

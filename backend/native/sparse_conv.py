@@ -144,6 +144,6 @@ def submanifold_conv3d_triton(
         feats.contiguous(), neighbours.contiguous(), weight.contiguous(), weight if bias is None else bias, out,
         rows, ci, co, K_TILES=triton.cdiv(ci, block_k), HAS_BIAS=bias is not None, PRECISION="ieee" if feats.dtype == torch.float32 else "tf32",
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=3,
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=2 if feats.dtype == torch.float32 else 3,
     )
     return out
