@@ -99,17 +99,63 @@ def profile_table(fn: Callable[[], Any], rows: int = 30) -> str:
     return averages.table(row_limit=rows)
 
 
-def profiles(device: torch.device, out: Path, log: Callable[[str], None]) -> None:
+def profiles(device: torch.device, out: Path, log: Callable[[str], None], modes: tuple[str, ...]) -> list[str]:
     model = random_model("shape_slat_flow_model_1024", device)
     inputs = flow_inputs("shape_slat_flow_model_1024", 17859, 2, device)
     x, t, cond, kwargs = inputs
-    for mode in ("torch", "eager"):
+    for mode in modes:
         with kernel_mode(mode), torch.inference_mode():
             table = profile_table(lambda: model(x, t, cond, **kwargs))
         (out / f"profile_hr_flow_{mode}.txt").write_text(table)
         log(f"--- HR shape flow forward, 2 x 17859 tokens, kernels {mode}\n" + "\n".join(table.splitlines()[:22]))
     del model, inputs, x, cond, kwargs
     torch.cuda.empty_cache()
+    return [f"profile_hr_flow_{mode}.txt" for mode in modes]
+
+
+def decoder_trace(bench: Bench, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One 1024_cascade figure run with hooks on every decoder block: GPU time and peak allocated memory of each
+    (synchronised; diagnostic only), summed per decoder pass, level and block type."""
+    records: list[tuple[str, float, float]] = []
+
+    def mark(name: str) -> Callable[..., None]:
+        def hook(*_args: Any) -> None:
+            torch.cuda.synchronize()
+            records.append((name, time.perf_counter(), torch.cuda.max_memory_allocated() / 2**30))
+            torch.cuda.reset_peak_memory_stats()
+        return hook
+
+    handles = []
+    for dec_name in ("shape_slat_decoder", "tex_slat_decoder"):
+        decoder = bench.models[dec_name]
+        handles.append(decoder.register_forward_pre_hook(mark(f"{dec_name[:5]} start")))
+        handles.append(decoder.register_forward_hook(mark(f"{dec_name[:5]} end (head, mesh)")))
+        for level, stage in enumerate(decoder.blocks):
+            for block in stage:
+                handles.append(block.register_forward_hook(mark(f"{dec_name[:5]} L{level} {type(block).__name__}")))
+    try:
+        with kernel_mode("auto"):
+            bench.run("1024_cascade", "gpu", 1, "auto", "figure")
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    passes, previous = 0, None
+    for name, stamp, peak in records:
+        if name.endswith("start"):
+            passes += 1
+        elif previous is not None:
+            row = rows.setdefault((passes, name), {"pass": passes, "block": name, "calls": 0, "seconds": 0.0,
+                                                   "peak_gib": 0.0})
+            row["calls"] += 1
+            row["seconds"] += stamp - previous
+            row["peak_gib"] = max(row["peak_gib"], peak)
+        previous = stamp
+    table = sorted(rows.values(), key=lambda r: (r["pass"], r["block"]))
+    log("decoder trace (pass 0: cascade upsample):\n" + "\n".join(
+        f"  {r['pass']} {r['block']:<40} x{r['calls']:<3} {r['seconds']:7.3f} s  peak {r['peak_gib']:6.2f} GiB"
+        for r in table))
+    return table
 
 
 def run_pipelines(bench: Bench, plan: list[tuple], out: Path, started: float, budget: float,
@@ -131,14 +177,16 @@ def run_pipelines(bench: Bench, plan: list[tuple], out: Path, started: float, bu
     return results
 
 
-PLAN = [  # pipeline, memory, runs, kernels, structure, asset
+PLAN = [  # pipeline, memory, runs, kernels, structure, asset; most important first (the budget may cut the tail)
     ("512", "gpu", 2, "auto", "figure", False),
-    ("1024_cascade", "gpu", 2, "auto", "figure", True),
+    ("1024_cascade", "gpu", 2, "auto", "figure", False),
+    ("1024_cascade", "gpu", 1, "torch", "figure", False),
+    ("1536_cascade", "gpu", 1, "auto", "figure", False),
+    ("1024_cascade", "offload", 1, "auto", "figure", False),
     ("1024_cascade", "gpu", 1, "auto", "calibrated", False),
     ("1024_cascade", "gpu", 1, "torch", "calibrated", False),
     ("512", "gpu", 1, "torch", "figure", False),
-    ("1024_cascade", "offload", 1, "auto", "figure", False),
-    ("1536_cascade", "gpu", 1, "auto", "figure", False),
+    ("1024_cascade", "gpu", 1, "auto", "teapot", False),
     ("1024_cascade", "gpu", 1, "eager", "figure", False),
 ]
 
@@ -147,7 +195,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, default=Path("gpu_full_size"))
     parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no new item starts")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["flows", "profiles", "pipelines"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["flows", "profiles", "pipelines", "trace"])
+    parser.add_argument("--profile-modes", nargs="*", default=["torch", "eager"], choices=["torch", "eager"])
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -163,7 +212,9 @@ def main() -> None:
     env = environment(device)
     log(json.dumps(env))
     report: dict[str, Any] = {"environment": env}
-    for item, fn in (("flows", lambda: bench_flows(device, log)), ("profiles", lambda: profiles(device, args.out, log))):
+    items = (("flows", lambda: bench_flows(device, log)),
+             ("profiles", lambda: profiles(device, args.out, log, tuple(args.profile_modes))))
+    for item, fn in items:
         if item in args.skip:
             continue
         try:
@@ -176,6 +227,12 @@ def main() -> None:
         log(f"models built at {time.perf_counter() - started:.1f}s")
         results = run_pipelines(bench, PLAN, args.out, started, args.budget, log, env)
         log("\n" + summary_table(results))
+        if "trace" not in args.skip and time.perf_counter() - started < args.budget:
+            try:
+                report["decoder_trace"] = decoder_trace(bench, log)
+            except Exception:
+                log(f"FAILED decoder trace\n{traceback.format_exc()}")
+    (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

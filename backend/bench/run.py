@@ -36,6 +36,7 @@ class RunResult:
     kernels: str
     seconds: float
     stages: dict[str, float]
+    stage_peaks_gib: dict[str, float]  # peak allocated GPU memory during each stage
     peak_allocated_gib: float
     peak_reserved_gib: float
     weights_gib: float
@@ -124,6 +125,8 @@ class Bench:
                                                                  self.ss_grid)
             state = SubdivisionState(obj, lr_tokens, self.lr_grid, shape_decoder)
         offload = choose_offload(memory, self.device, model_bytes(models))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # so that reserved memory is this configuration's, not left from the last
         pipe = random_pipeline(models, self.conditioner, self.device, offload)
         settings = GenerationSettings(pipeline_type=pipeline_type, seed=1)
         with subdivision_oracle(shape_decoder, state) if state is not None else contextlib.nullcontext():
@@ -131,7 +134,7 @@ class Bench:
         last = results[-1]
         out = RunResult(
             pipeline=pipeline_type, memory="offload" if offload else "gpu", structure=structure,
-            kernels=kernels, seconds=last["seconds"], stages=last["stages"],
+            kernels=kernels, seconds=last["seconds"], stages=last["stages"], stage_peaks_gib=last["stage_peaks"],
             peak_allocated_gib=last["peak_allocated"] / GIB, peak_reserved_gib=last["peak_reserved"] / GIB,
             weights_gib=((0 if offload else model_bytes(models)) + model_bytes({"c": self.conditioner.model})) / GIB,
             lr_tokens=last["lr_tokens"], hr_tokens=last["ovoxel"].metadata["tokens"],
@@ -145,33 +148,45 @@ class Bench:
         return out
 
     def _timed(self, pipe: Any, settings: GenerationSettings, state: SubdivisionState | None) -> dict[str, Any]:
-        timeline: list[tuple[str, float, float]] = []
+        timeline: list[tuple[str, float, float, tuple[int, int]]] = []
+        cuda = self.device.type == "cuda"
+
+        def peak_since_last() -> tuple[int, int]:
+            """(allocated, reserved) peaks since the previous call."""
+            if not cuda:
+                return 0, 0
+            peak = torch.cuda.max_memory_allocated(self.device), torch.cuda.max_memory_reserved(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return peak
 
         def progress(stage: str, step: int, total: int) -> None:
             _sync(self.device)
-            timeline.append((stage, time.perf_counter(), state.seconds if state is not None else 0.0))
+            timeline.append((stage, time.perf_counter(), state.seconds if state is not None else 0.0,
+                             peak_since_last()))
 
         if state is not None:
             state.seconds = 0.0
         graphs, capture = CAPTURE_STATS["graphs"], CAPTURE_STATS["seconds"]
-        cuda = self.device.type == "cuda"
         _sync(self.device)
-        if cuda:
-            torch.cuda.reset_peak_memory_stats(self.device)
+        peak_since_last()
         start = time.perf_counter()
         ovoxel = pipe.run(self.image, settings, progress)
         _sync(self.device)
         seconds = time.perf_counter() - start
         stages: dict[str, float] = {}
+        peaks: dict[str, tuple[int, int]] = {}
         previous, previous_oracle = start, 0.0
-        for stage, stamp, oracle in timeline:  # the time before an event belongs to its stage
+        for stage, stamp, oracle, peak in timeline:  # the time (and memory) before an event belongs to its stage
             stages[stage] = stages.get(stage, 0.0) + (stamp - previous) - (oracle - previous_oracle)
+            peaks[stage] = tuple(map(max, peaks.get(stage, (0, 0)), peak))
             previous, previous_oracle = stamp, oracle
         oracle_total = timeline[-1][2] if timeline else 0.0
         stages["ovoxel"] = seconds - (previous - start) - (oracle_total - previous_oracle)  # after the last event
+        peaks["ovoxel"] = peak_since_last()
         return {"seconds": seconds - oracle_total, "stages": stages, "ovoxel": ovoxel, "oracle": oracle_total,
-                "peak_allocated": torch.cuda.max_memory_allocated(self.device) if cuda else 0,
-                "peak_reserved": torch.cuda.max_memory_reserved(self.device) if cuda else 0,
+                "stage_peaks": {k: v[0] / GIB for k, v in peaks.items()},
+                "peak_allocated": max(v[0] for v in peaks.values()),
+                "peak_reserved": max(v[1] for v in peaks.values()),
                 "lr_tokens": state.lr_tokens if state is not None else -1,
                 "graphs": CAPTURE_STATS["graphs"] - graphs, "capture_seconds": CAPTURE_STATS["seconds"] - capture}
 
@@ -193,8 +208,8 @@ class Bench:
 def format_result(r: RunResult) -> str:
     lines = [f"{r.pipeline} | memory {r.memory} | kernels {r.kernels} | structure {r.structure}: "
              f"{r.seconds:.2f} s (runs: {', '.join(f'{s:.2f}' for s in r.runs)})"]
-    lines.append(f"  {'stage':<18}{'seconds':>9}")
-    lines += [f"  {stage:<18}{sec:>9.3f}" for stage, sec in r.stages.items()]
+    lines.append(f"  {'stage':<18}{'seconds':>9}{'peak GiB':>10}")
+    lines += [f"  {stage:<18}{sec:>9.3f}{r.stage_peaks_gib.get(stage, 0.0):>10.2f}" for stage, sec in r.stages.items()]
     lines.append(f"  peak GPU memory {r.peak_allocated_gib:.2f} GiB allocated, {r.peak_reserved_gib:.2f} GiB reserved "
                  f"(weights resident {r.weights_gib:.2f} GiB)")
     lines.append(f"  tokens LR {r.lr_tokens}, HR {r.hr_tokens}; {r.voxels} voxels at {r.resolution}^3, {r.faces} faces")

@@ -119,13 +119,17 @@ def fused_layer_norm(
     modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
     row_items: torch.Tensor | None = None,
     silu: bool = False,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h) as in the module docstring. x, residual [N, C]; weight, bias [C] (float32); gate, scale, shift
-    [B, C] in x's dtype; row_items int [N] in [0, B) or None (every row is item 0)."""
+    [B, C] in x's dtype; row_items int [N] in [0, B) or None (every row is item 0). With `out` (contiguous
+    [N, C] in x's dtype, which may be x itself when there is no residual) h is written there."""
     if (weight is None) != (bias is None):
         raise ValueError("pass both LayerNorm affine parameters (weight and bias) or neither")
     if gate is not None and residual is None:
         raise ValueError("a gate needs a residual to scale")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {tuple(x.shape)} {x.dtype} tensor")
     per_item = [v for v in (gate, *(modulation or ())) if v is not None]
     floats = [x, *(v for v in (weight, bias, residual) if v is not None), *per_item]
     if (
@@ -136,9 +140,10 @@ def fused_layer_norm(
         or (residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype))
         or not use_triton(*floats, *([row_items] if row_items is not None else []))
     ):
-        return fused_layer_norm_torch(x, eps, weight, bias, residual, gate, modulation, row_items, silu)
+        x, h = fused_layer_norm_torch(x, eps, weight, bias, residual, gate, modulation, row_items, silu)
+        return x, h if out is None else out.copy_(h)
     rows, cols = x.shape
-    h = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h = torch.empty_like(x, memory_format=torch.contiguous_format) if out is None else out
     x_out = torch.empty_like(h) if residual is not None else x
     if rows == 0:
         return x_out, h

@@ -20,31 +20,35 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _rms_norm_rope_kernel(
-        x_ptr, gamma_ptr, phases_ptr, out_ptr, heads, half, x_row_stride, x_head_stride, scale,
-        HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr,
+        x_ptr, gamma_ptr, phases_ptr, out_ptr, rows, heads, dim, x_row_stride, x_head_stride, scale,
+        HAS_NORM: tl.constexpr, HAS_ROPE: tl.constexpr, ROWS: tl.constexpr,
+        BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
+        """ROWS rows per program: whole [heads, dim] tiles loaded contiguously, gamma loaded once."""
         dtype = x_ptr.dtype.element_ty
-        row = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, BLOCK_H)
-        p = tl.arange(0, BLOCK_P)  # pair index: channels 2p and 2p + 1
-        mask = (h < heads)[:, None] & (p < half)[None, :]
-        src = x_ptr + row * x_row_stride + h[:, None] * x_head_stride + 2 * p[None, :]
-        even = tl.load(src, mask=mask, other=0.0).to(tl.float32)
-        odd = tl.load(src + 1, mask=mask, other=0.0).to(tl.float32)
+        d = tl.arange(0, BLOCK_D)
+        tile_ok = (h < heads)[:, None] & (d < dim)[None, :]
+        p = tl.arange(0, BLOCK_D // 2)  # pair index: channels 2p and 2p + 1
         if HAS_NORM:
-            norm = tl.sqrt(tl.sum(even * even + odd * odd, axis=1))
-            denom = tl.maximum(norm, 1e-12)[:, None]
-            g = gamma_ptr + h[:, None] * (2 * half) + 2 * p[None, :]
-            even = (even / denom * tl.load(g, mask=mask, other=0.0) * scale).to(dtype).to(tl.float32)
-            odd = (odd / denom * tl.load(g + 1, mask=mask, other=0.0) * scale).to(dtype).to(tl.float32)
-        if HAS_ROPE:
-            ph = phases_ptr + row * (2 * half) + 2 * p
-            cos = tl.load(ph, mask=p < half, other=1.0)[None, :]
-            sin = tl.load(ph + 1, mask=p < half, other=0.0)[None, :]
-            even, odd = even * cos - odd * sin, even * sin + odd * cos
-        dst = out_ptr + row * (heads * 2 * half) + h[:, None] * (2 * half) + 2 * p[None, :]
-        tl.store(dst, even.to(dtype), mask=mask)
-        tl.store(dst + 1, odd.to(dtype), mask=mask)
+            gamma = tl.load(gamma_ptr + h[:, None] * dim + d[None, :], mask=tile_ok, other=0.0)
+        for i in range(ROWS):
+            row = tl.program_id(0) * ROWS + i
+            mask = tile_ok & (row < rows)
+            row64 = row.to(tl.int64)
+            x = tl.load(x_ptr + row64 * x_row_stride + h[:, None] * x_head_stride + d[None, :], mask=mask,
+                        other=0.0).to(tl.float32)
+            if HAS_NORM:
+                denom = tl.maximum(tl.sqrt(tl.sum(x * x, axis=1)), 1e-12)[:, None]
+                x = (x / denom * gamma * scale).to(dtype).to(tl.float32)
+            if HAS_ROPE:
+                ph = phases_ptr + row64 * dim + 2 * p
+                pair_ok = (p < dim // 2) & (row < rows)
+                cos = tl.load(ph, mask=pair_ok, other=1.0)[None, :]
+                sin = tl.load(ph + 1, mask=pair_ok, other=0.0)[None, :]
+                even, odd = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_D // 2, 2]))
+                x = tl.reshape(tl.join(even * cos - odd * sin, even * sin + odd * cos), [BLOCK_H, BLOCK_D])
+            tl.store(out_ptr + row64 * (heads * dim) + h[:, None] * dim + d[None, :], x.to(dtype), mask=mask)
 
 
 def rms_norm_torch(x: torch.Tensor, gamma: torch.Tensor) -> torch.Tensor:
@@ -85,11 +89,11 @@ def rms_norm_rope(x: torch.Tensor, gamma: torch.Tensor | None, phases: torch.Ten
     if rows == 0:
         return out
     real_phases = torch.view_as_real(phases.contiguous()) if phases is not None else x
-    _rms_norm_rope_kernel[(rows,)](
-        x, x if gamma is None else gamma.contiguous(), real_phases, out, heads, dim // 2,
+    rows_per_program = 4
+    _rms_norm_rope_kernel[(triton.cdiv(rows, rows_per_program),)](
+        x, x if gamma is None else gamma.contiguous(), real_phases, out, rows, heads, dim,
         x.stride(0), x.stride(1), dim**0.5,
-        HAS_NORM=gamma is not None, HAS_ROPE=phases is not None,
-        BLOCK_H=triton.next_power_of_2(heads), BLOCK_P=triton.next_power_of_2(dim // 2),
-        num_warps=4,
+        HAS_NORM=gamma is not None, HAS_ROPE=phases is not None, ROWS=rows_per_program,
+        BLOCK_H=triton.next_power_of_2(heads), BLOCK_D=max(2, triton.next_power_of_2(dim)), num_warps=4,
     )
     return out

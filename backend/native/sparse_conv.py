@@ -35,13 +35,21 @@ def build_neighbour_map(coords: torch.Tensor) -> torch.Tensor:
     """
     if coords.dim() != 2 or coords.shape[1] != 4:
         raise ValueError(f"coords must be [N, 4] (batch, x, y, z), got {tuple(coords.shape)}")
-    index = VoxelIndex(coords)
-    coords = coords.long()
-    offsets = torch.zeros(27, 4, dtype=torch.long, device=coords.device)
-    offsets[:, 1:] = KERNEL_OFFSETS.to(coords.device)
-    neighbours = torch.empty(coords.shape[0], 27, dtype=torch.int32, device=coords.device)
-    for v in range(27):  # one tap at a time bounds the int64 query memory to [N, 4]
-        neighbours[:, v] = index.lookup(coords + offsets[v]).int()
+    return neighbour_rows(VoxelIndex(coords), coords)
+
+
+def neighbour_rows(index: VoxelIndex, queries: torch.Tensor) -> torch.Tensor:
+    """int32 [M, 27]: the neighbour-map rows of the voxels `queries` [M, 4] among the voxels `index` holds.
+
+    With the index's own voxels as queries this is the whole map; a block of them gives that block's rows, so a
+    conv used once can stream over its output rows without ever holding the whole [N, 27] map.
+    """
+    queries = queries.long()
+    offsets = torch.zeros(27, 4, dtype=torch.long, device=queries.device)
+    offsets[:, 1:] = KERNEL_OFFSETS.to(queries.device)
+    neighbours = torch.empty(queries.shape[0], 27, dtype=torch.int32, device=queries.device)
+    for v in range(27):  # one tap at a time bounds the int64 query memory to [M, 4]
+        neighbours[:, v] = index.lookup(queries + offsets[v]).int()
     return neighbours
 
 

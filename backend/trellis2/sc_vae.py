@@ -25,9 +25,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh
-from backend.native import compute_dtype
+from backend.native import VoxelIndex, compute_dtype
 from backend.native.fused_layer_norm import fused_layer_norm
-from backend.native.sparse_conv import build_neighbour_map, submanifold_conv3d
+from backend.native.sparse_conv import build_neighbour_map, neighbour_rows, submanifold_conv3d
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.transformer import LayerNorm32
 
@@ -141,8 +141,15 @@ class SparseResBlockC2S3d(nn.Module):
             raise ValueError("guide subdivision logits are on other voxels (or in another row order) than the input")
         return guide
 
-    def forward(self, x: SparseTensor, guide: SparseTensor | None = None) -> tuple[SparseTensor, SparseTensor]:
-        """Returns (children features [M, O], the subdivision logits used [N, 8] on x's voxels)."""
+    def forward(
+        self, x: SparseTensor, guide: SparseTensor | None = None, keep_neighbours: bool = True
+    ) -> tuple[SparseTensor, SparseTensor]:
+        """Returns (children features [M, O], the subdivision logits used [N, 8] on x's voxels).
+
+        keep_neighbours=False: nothing after this block convolves the children (the decoder's last level), so
+        conv2 streams over blocks of output rows with their own neighbour rows instead of building, caching and
+        holding the children's whole neighbour map (the largest single buffer of a decode).
+        """
         logits = self.subdivision_logits(x, guide)
         slot, child_coords = subdivide(x.coords, logits.feats > 0)
         n, c = x.feats.shape
@@ -160,14 +167,31 @@ class SparseResBlockC2S3d(nn.Module):
             parents = submanifold_conv3d(act, neighbours[start:stop], weight, bias)
             children[lo:hi] = parents.view(-1, o)[slot[lo:hi] - start * 8]
         del act
-        _, act = fused_layer_norm(children, self.norm2.eps, silu=True)
-        del children
+        _, act = fused_layer_norm(children, self.norm2.eps, silu=True, out=children)  # in place
         h = SparseTensor(act, child_coords)
-        out = self.conv2(h).feats
+        weight, bias = self.conv2.weight.to(act.dtype), self.conv2.bias.to(act.dtype)
+        if keep_neighbours:
+            neighbours, index, blocks = neighbour_map(h), None, [(0, act.shape[0])]
+        else:
+            # ~1M rows a block: their neighbour rows, lookups and conv output stay around 300 MB
+            neighbours, index, blocks = None, VoxelIndex(child_coords), row_blocks(act.shape[0], 32)
         # The skip is channel group k of the parent for child k, each value repeated O / (C / 8) times.
-        skip = x.feats.reshape(n * 8, c // 8)[slot]
-        out.view(-1, c // 8, o // (c // 8)).add_(skip.unsqueeze(2))
+        skip = x.feats.reshape(n * 8, c // 8)
+        out = act.new_empty(act.shape[0], o)
+        for start, stop in blocks:
+            rows = neighbours[start:stop] if index is None else neighbour_rows(index, child_coords[start:stop])
+            block = submanifold_conv3d(act, rows, weight, bias)
+            block.view(-1, c // 8, o // (c // 8)).add_(skip[slot[start:stop]].unsqueeze(2))
+            out[start:stop] = block
         return h.replace(out), logits
+
+
+def _with_guide_cache(x: SparseTensor, guide: SparseTensor) -> SparseTensor:
+    """x sharing the guide's coordinate cache when both are on the same voxels: a texture decoder following the
+    shape decoder's subdivisions then reuses its neighbour maps instead of building and holding its own."""
+    if guide.coords.shape == x.coords.shape and torch.equal(guide.coords, x.coords):
+        return SparseTensor(x.feats, x.coords, guide.cache)
+    return x  # the up-block refuses a guide on other voxels, with a clear error
 
 
 BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
@@ -230,9 +254,12 @@ class SparseUnetVaeDecoder(nn.Module):
         h = self._torso_input(x)
         subs: list[SparseTensor] = []
         for i, stage in enumerate(self.blocks):
+            if guide_subs is not None and i < len(guide_subs):
+                h = _with_guide_cache(h, guide_subs[i])
             for block in stage:
                 if isinstance(block, SparseResBlockC2S3d):
-                    h, logits = block(h, None if guide_subs is None else guide_subs[i])
+                    streams = i == self.num_up_blocks - 1 and len(self.blocks[-1]) == 0  # no conv follows
+                    h, logits = block(h, None if guide_subs is None else guide_subs[i], keep_neighbours=not streams)
                     subs.append(logits)
                 else:
                     h = block(h)

@@ -235,3 +235,20 @@ def test_row_blocks_do_not_change_the_decoders(monkeypatch: pytest.MonkeyPatch) 
     torch.testing.assert_close(blocked_shape.raw.feats, whole_shape.raw.feats, atol=2e-5, rtol=2e-5)
     torch.testing.assert_close(blocked_tex.feats, whole_tex.feats, atol=2e-5, rtol=2e-5)
     assert torch.equal(shape_dec.upsample(x), blocked_shape.raw.coords)
+
+
+@torch.no_grad()
+def test_up_block_streams_its_last_conv_to_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An up-block with nothing after it streams conv2 over blocks of rows with their own neighbour rows."""
+    import backend.trellis2.sc_vae as sc_vae
+
+    torch.manual_seed(12)
+    block = sc_vae.SparseResBlockC2S3d(16, 8).eval()
+    x = tiny_latent(13)
+    x = x.replace(torch.randn(x.feats.shape[0], 16))
+    kept, kept_logits = block(x, keep_neighbours=True)
+    monkeypatch.setattr(sc_vae, "CHUNK_ELEMENTS", 32 * 5)  # blocks of 5 rows
+    streamed, logits = block(SparseTensor(x.feats, x.coords), keep_neighbours=False)
+    assert torch.equal(streamed.coords, kept.coords) and torch.equal(logits.feats, kept_logits.feats)
+    assert sc_vae.NEIGHBOUR_MAP_KEY in kept.cache and sc_vae.NEIGHBOUR_MAP_KEY not in streamed.cache
+    torch.testing.assert_close(streamed.feats, kept.feats, atol=1e-6, rtol=1e-6)
