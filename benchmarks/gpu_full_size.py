@@ -38,7 +38,8 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
-def flow_inputs(name: str, tokens: int, batch: int, device: torch.device) -> tuple[Any, torch.Tensor, torch.Tensor, dict]:
+def flow_inputs(name: str, tokens: int, batch: int, device: torch.device
+                ) -> tuple[Any, torch.Tensor, torch.Tensor, dict]:
     """Inputs of one forward: dense 16^3 for the structure flow, else `tokens` voxels of the figure's shell."""
     cond = torch.randn(batch, 1029 if tokens <= 4096 else 4101, 1024, device=device)
     t = torch.full((batch,), 500.0, device=device)

@@ -84,18 +84,16 @@ def layer_norm32(
     return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
 
 
+Tensor = torch.Tensor
+
+
 def fused_layer_norm_torch(
-    x: torch.Tensor,
-    eps: float,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    residual: torch.Tensor | None = None,
-    gate: torch.Tensor | None = None,
-    modulation: tuple[torch.Tensor, torch.Tensor] | None = None,
-    row_items: torch.Tensor | None = None,
+    x: Tensor, eps: float, weight: Tensor | None = None, bias: Tensor | None = None, residual: Tensor | None = None,
+    gate: Tensor | None = None, modulation: tuple[Tensor, Tensor] | None = None, row_items: Tensor | None = None,
     silu: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The reference: the DiT block's and decoders' own op sequence (also the CPU path)."""
+    """The reference: the DiT block's and decoders' own op sequence (also the CPU path); arguments as in
+    `fused_layer_norm`."""
 
     def per_row(values: torch.Tensor) -> torch.Tensor:
         return values if row_items is None else values[row_items]

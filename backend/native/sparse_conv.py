@@ -148,10 +148,11 @@ def submanifold_conv3d_triton(
     block_k = min(64, max(16, triton.next_power_of_2(ci)))
     block_m = 128 if block_n >= 64 else 64
     grid = (triton.cdiv(rows, block_m), triton.cdiv(co, block_n))
+    fp32 = feats.dtype == torch.float32  # twice the shared memory per stage: one stage fewer
     _submanifold_conv3d_kernel[grid](
         feats.contiguous(), neighbours.contiguous(), weight.contiguous(), weight if bias is None else bias, out,
-        rows, ci, co, K_TILES=triton.cdiv(ci, block_k), HAS_BIAS=bias is not None, PRECISION="ieee" if feats.dtype == torch.float32 else "tf32",
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=2 if feats.dtype == torch.float32 else 3,
+        rows, ci, co, K_TILES=triton.cdiv(ci, block_k), HAS_BIAS=bias is not None,
+        PRECISION="ieee" if fp32 else "tf32", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=8 if block_m * block_n >= 128 * 128 else 4, num_stages=2 if fp32 else 3,
     )
     return out

@@ -37,7 +37,9 @@ log = logging.getLogger(__name__)
 
 ProgressCallback = Callable[[str, int, int], None]
 DEFAULT_WEIGHTS = "microsoft/TRELLIS.2-4B"
-# Activation headroom kept free when deciding whether every model can stay on the GPU at once.
+# Activation headroom kept free when deciding whether every model can stay on the GPU at once. Measured on an
+# H200 (docs/benchmarks.md, 2026-12-04): a T.png-like object peaks 4.0 GiB over the weights in 1024_cascade and
+# 7.6 GiB in 1536_cascade; the rest is margin for the allocator's fragmentation.
 GPU_HEADROOM_BYTES = 12 * 2**30
 
 
