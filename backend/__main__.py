@@ -10,7 +10,7 @@ import importlib
 import sys
 
 # Modules that add their own subcommands through `register(subparsers)`.
-COMMAND_MODULES = ["backend.generate_cli", "backend.texture_cli", "backend.ovoxel_cli", "backend.server"]
+COMMAND_MODULES = ["backend.generate_cli", "backend.texture_cli", "backend.ovoxel_cli", "backend.server", "backend.bench"]
 
 
 def _golden(args: argparse.Namespace) -> int:

@@ -1,79 +1,36 @@
-"""GPU benchmark at full 4B size with random weights (no real checkpoint is needed).
+"""GPU benchmark at full 4B size with random weights: flows, a profile of where the time goes, whole pipelines.
 
-1. Each flow model (SS, shape, texture) built at full size in bf16: forward time and peak memory at 4096 and
-   16384 tokens (the SS flow always has 4096), and a GPU-vs-CPU check of one full-size block on a small input.
-2. The whole `1024_cascade` pipeline from an RGBA image to an O-Voxel, with per-stage wall time and peak memory,
-   then the asset step (500k faces, 2048² textures) and GLB encoding: image in, GLB bytes out.
-   Random networks have no idea what an object looks like, so the structure decoder's output bias and the shape
-   decoder's subdivision biases are calibrated to give realistic token counts (a few percent occupancy, about
-   four children per subdivided voxel); the counts reached are printed with the timings.
+1. Flow forwards (one pass, batch 1 and the doubled guidance batch) in three kernel modes: torch (the plain
+   references, as before the native kernels), eager (Triton kernels) and graphed (kernels + CUDA-graph replay).
+2. torch.profiler tables of one HR shape-flow forward (torch and kernels) and of the two decoders.
+3. Whole pipelines through `backend.bench` (`python -m backend bench` is the same code): the procedural figure's
+   structure for 512 / 1024_cascade / 1536_cascade, the old random calibration for comparison with earlier
+   numbers, kernels off (torch) for the old-vs-new comparison, and `--memory offload`.
+Items stop being started once `--budget` seconds have passed, so one call fits a device lease.
 
-Run on the GPU machine: `python benchmarks/gpu_full_size.py --out results.json`.
+Run on the GPU machine: `python benchmarks/gpu_full_size.py --out DIR`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from backend.trellis2.checkpoint import build_model
-from backend.trellis2.pipeline import ModelStore, Trellis2Pipeline
-from backend.trellis2.sampler import SamplerParams
+from backend.bench.full_size import random_model
+from backend.bench.objects import OBJECTS
+from backend.bench.run import Bench, environment, format_result, summary_table, to_json
+from backend.native import kernel_mode
+from backend.trellis2.cuda_graphs import captured_graphs
 from backend.trellis2.sparse import SparseTensor
-
-FLOW = {"model_channels": 1536, "cond_channels": 1024, "num_blocks": 30, "num_heads": 12, "mlp_ratio": 5.3334,
-        "pe_mode": "rope", "share_mod": True, "initialization": "scaled", "qk_rms_norm": True,
-        "qk_rms_norm_cross": True, "dtype": "bfloat16"}
-DEC = {"model_channels": [1024, 512, 256, 128, 64], "latent_channels": 32, "num_blocks": [4, 16, 8, 4, 0],
-       "block_type": ["SparseConvNeXtBlock3d"] * 5, "up_block_type": ["SparseResBlockC2S3d"] * 4,
-       "block_args": [{}] * 5, "use_fp16": True}
-MODELS = {  # spec §1.3
-    "sparse_structure_flow_model": ("SparseStructureFlowModel", {**FLOW, "resolution": 16, "in_channels": 8,
-                                                                 "out_channels": 8}),
-    "sparse_structure_decoder": ("SparseStructureDecoder", {"out_channels": 1, "latent_channels": 8,
-                                                            "num_res_blocks": 2, "num_res_blocks_middle": 2,
-                                                            "channels": [512, 128, 32], "use_fp16": True}),
-    "shape_slat_flow_model_512": ("SLatFlowModel", {**FLOW, "resolution": 32, "in_channels": 32, "out_channels": 32}),
-    "shape_slat_flow_model_1024": ("SLatFlowModel", {**FLOW, "resolution": 64, "in_channels": 32,
-                                                     "out_channels": 32}),
-    "shape_slat_decoder": ("FlexiDualGridVaeDecoder", {**DEC, "resolution": 256}),
-    "tex_slat_flow_model_1024": ("SLatFlowModel", {**FLOW, "resolution": 64, "in_channels": 64, "out_channels": 32}),
-    "tex_slat_decoder": ("SparseUnetVaeDecoder", {**DEC, "out_channels": 6, "pred_subdiv": False}),
-}
-SAMPLERS = {  # pipeline.json params (spec §1.2)
-    "sparse_structure_sampler": {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.7,
-                                 "guidance_interval": [0.6, 1.0], "rescale_t": 5.0},
-    "shape_slat_sampler": {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.5,
-                           "guidance_interval": [0.6, 1.0], "rescale_t": 3.0},
-    "tex_slat_sampler": {"steps": 12, "guidance_strength": 1.0, "guidance_rescale": 0.0,
-                         "guidance_interval": [0.6, 0.9], "rescale_t": 3.0},
-}
-OCCUPANCY = 0.008  # fraction of the 64³ structure grid occupied (~2k LR tokens, ~10k HR: a real asset's count)
-SUBDIVIDE = 0.5  # fraction of children kept per subdivided voxel (4 of 8)
-
-
-def random_model(name: str, device: torch.device) -> torch.nn.Module:
-    """Full-size model with N(0, 1/fan_in) weights (the goldens' randomisation), built without a CPU copy."""
-    cls_name, args = MODELS[name]
-    model = build_model({"name": cls_name, "args": args}, "meta").to_empty(device=device)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.normal_(0, fan_in**-0.5)
-            elif "norm" in pname or "gamma" in pname:
-                p.fill_(1.0)
-            else:
-                p.normal_(0, 0.02)
-        if hasattr(model, "compute_buffers"):
-            model.compute_buffers()
-    return model.eval()
+from backend.trellis2.transformer import grid_coords
 
 
 def sync_time() -> float:
@@ -81,162 +38,202 @@ def sync_time() -> float:
     return time.perf_counter()
 
 
-def bench_flows(device: torch.device) -> list[dict[str, Any]]:
+def flow_inputs(name: str, tokens: int, batch: int, device: torch.device
+                ) -> tuple[Any, torch.Tensor, torch.Tensor, dict]:
+    """Inputs of one forward: dense 16^3 for the structure flow, else `tokens` voxels of the figure's shell."""
+    cond = torch.randn(batch, 1029 if tokens <= 4096 else 4101, 1024, device=device)
+    t = torch.full((batch,), 500.0, device=device)
+    if name.startswith("sparse"):
+        return torch.randn(batch, 8, 16, 16, 16, device=device), t, cond, {}
+    grid = 64 if tokens <= 20000 else 96
+    all_cells = grid_coords(grid)
+    cells = all_cells[OBJECTS["figure"]().crosses(all_cells, grid)][:tokens].to(device)
+    coords = torch.cat([torch.arange(batch, device=device).repeat_interleave(cells.shape[0])[:, None],
+                        cells.repeat(batch, 1)], 1).int()
+    x = SparseTensor(torch.randn(coords.shape[0], 32, device=device), coords)
+    return x, t, cond, ({"concat_cond": x} if "tex" in name else {})
+
+
+def time_forward(model: torch.nn.Module, inputs: tuple, graphed: bool, repeats: int = 5) -> float:
+    x, t, cond, kwargs = inputs
+    with torch.inference_mode(), captured_graphs(model) if graphed else contextlib.nullcontext():
+        for _ in range(2):  # eager warm-up, then (graphed) the capture
+            model(x, t, cond, **kwargs)
+        start = sync_time()
+        for _ in range(repeats):
+            model(x, t, cond, **kwargs)
+        return (sync_time() - start) / repeats * 1e3
+
+
+def bench_flows(device: torch.device, log: Callable[[str], None]) -> list[dict[str, Any]]:
     rows = []
-    for name in ("sparse_structure_flow_model", "shape_slat_flow_model_1024", "tex_slat_flow_model_1024"):
+    for name, token_counts in (("sparse_structure_flow_model", (4096,)), ("shape_slat_flow_model_1024", (17859,))):
         model = random_model(name, device)
-        for tokens in ((4096,) if name.startswith("sparse") else (4096, 16384)):
-            cond = torch.randn(1, 4101 if tokens > 4096 else 1029, 1024, device=device)
-            t = torch.tensor([500.0], device=device)
-            if name.startswith("sparse"):
-                x_in, kwargs = torch.randn(1, 8, 16, 16, 16, device=device), {}
-            else:
-                coords = torch.randint(0, 64, (tokens * 2, 3), device=device).unique(dim=0)[:tokens]
-                coords = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1).int()
-                x_in = SparseTensor(torch.randn(tokens, 32, device=device), coords)
-                kwargs = {"concat_cond": x_in} if "tex" in name else {}
-            with torch.inference_mode():
-                for _ in range(2):
-                    model(x_in, t, cond, **kwargs)
-                torch.cuda.reset_peak_memory_stats()
-                start = sync_time()
-                for _ in range(5):
-                    model(x_in, t, cond, **kwargs)
-                ms = (sync_time() - start) / 5 * 1e3
-            rows.append({"model": name, "tokens": tokens, "cond_tokens": cond.shape[1], "ms_per_forward": ms,
-                         "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
-            print(rows[-1], flush=True)
-        if name == "shape_slat_flow_model_1024":
-            rows.append(gpu_vs_cpu_block(model))
+        for tokens in token_counts:
+            for batch in (1, 2):
+                inputs = flow_inputs(name, tokens, batch, device)
+                row = {"model": name, "tokens": tokens, "batch": batch}
+                for mode, graphed in (("torch", False), ("eager", False), ("auto", True)):
+                    with kernel_mode(mode):
+                        row[f"ms_{mode}"] = round(time_forward(model, inputs, graphed), 2)
+                rows.append(row)
+                log(json.dumps(row))
         del model
         torch.cuda.empty_cache()
     return rows
 
 
-def gpu_vs_cpu_block(model: torch.nn.Module) -> dict[str, Any]:
-    """One full-size bf16 block on 300 tokens: GPU (SDPA kernels) against our CPU path."""
-    block = model.blocks[0]
-    x = torch.randn(300, 1536)
-    with torch.inference_mode():
-        gpu = _run_block(block, x.cuda()).float().cpu()
-        cpu_block = block.to("cpu")
-        cpu = _run_block(cpu_block, x).float()
-        block.to("cuda")
-    rel = ((gpu - cpu).norm() / cpu.norm()).item()
-    row = {"check": "full-size bf16 block, GPU vs CPU", "rel_l2": rel, "max_abs": (gpu - cpu).abs().max().item()}
-    print(row, flush=True)
-    return row
+def profile_table(fn: Callable[[], Any], rows: int = 30) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total"):
+        try:
+            return averages.table(sort_by=key, row_limit=rows)
+        except (AttributeError, KeyError, ValueError):
+            continue
+    return averages.table(row_limit=rows)
 
 
-def _run_block(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    from backend.trellis2.transformer import Packing, rope_phases
-
-    coords = torch.stack(torch.meshgrid(*[torch.arange(7)] * 3, indexing="ij"), -1).reshape(-1, 3)[:300].to(x.device)
-    gen = torch.Generator().manual_seed(0)
-    cond = torch.randn(1, 64, 1024, generator=gen).to(x.device, torch.bfloat16)
-    mod = (torch.randn(1, 6 * 1536, generator=gen) * 0.1).to(x.device, torch.bfloat16)
-    phases = rope_phases(coords, 128)
-    packing = Packing([300], x.device)
-    return block(x.to(torch.bfloat16), mod, cond, packing, phases)
-
-
-def calibrate(models: dict[str, torch.nn.Module], cond: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """Set the random decoders' biases so that token counts look like a real object's."""
-    with torch.inference_mode():
-        z = torch.randn(1, 8, 16, 16, 16, device=device)
-        dec = models["sparse_structure_decoder"]
-        logits = dec(z).flatten().float()
-        dec.out_layer[2].bias -= torch.quantile(logits[::7], 1 - OCCUPANCY)
-        coords = torch.argwhere(torch.nn.functional.max_pool3d((dec(z) > 0).float(), 2, 2, 0) > 0.5)[:, [0, 2, 3, 4]]
-        lr = SparseTensor(torch.randn(coords.shape[0], 32, device=device), coords.int())
-        shape_dec = models["shape_slat_decoder"]
-        for level in range(4):
-            up = shape_dec.blocks[level][-1]
-            seen = []
-            hook = up.to_subdiv.register_forward_hook(lambda _m, _i, out: seen.append(out.float()))
-            shape_dec.upsample(lr, upsample_times=level + 1)
-            hook.remove()
-            up.to_subdiv.bias -= torch.quantile(seen[-1].flatten()[::3], 1 - SUBDIVIDE).to(up.to_subdiv.bias.dtype)
-    return {"lr_tokens_calibration": int(coords.shape[0])}
+def profiles(device: torch.device, out: Path, log: Callable[[str], None], modes: tuple[str, ...]) -> list[str]:
+    model = random_model("shape_slat_flow_model_1024", device)
+    inputs = flow_inputs("shape_slat_flow_model_1024", 17859, 2, device)
+    x, t, cond, kwargs = inputs
+    for mode in modes:
+        with kernel_mode(mode), torch.inference_mode():
+            table = profile_table(lambda: model(x, t, cond, **kwargs))
+        (out / f"profile_hr_flow_{mode}.txt").write_text(table)
+        log(f"--- HR shape flow forward, 2 x 17859 tokens, kernels {mode}\n" + "\n".join(table.splitlines()[:22]))
+    del model, inputs, x, cond, kwargs
+    torch.cuda.empty_cache()
+    return [f"profile_hr_flow_{mode}.txt" for mode in modes]
 
 
-def bench_pipeline(device: torch.device) -> dict[str, Any]:
-    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+def decoder_trace(bench: Bench, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One 1024_cascade figure run with hooks on every decoder block: GPU time and peak allocated memory of each
+    (synchronised; diagnostic only), summed per decoder pass, level and block type."""
+    records: list[tuple[str, float, float]] = []
 
-    from backend.trellis2.image_cond import DinoV3Conditioner
+    def mark(name: str) -> Callable[..., None]:
+        def hook(*_args: Any) -> None:
+            torch.cuda.synchronize()
+            records.append((name, time.perf_counter(), torch.cuda.max_memory_allocated() / 2**30))
+            torch.cuda.reset_peak_memory_stats()
+        return hook
 
-    torch.manual_seed(0)
-    models = {name: random_model(name, device) for name in MODELS}
-    dino = DINOv3ViTModel(DINOv3ViTConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                          num_attention_heads=16, num_register_tokens=4, patch_size=16,
-                                          layerscale_value=1e-5))
-    conditioner = DinoV3Conditioner(dino).to(device)
-    calibration = calibrate(models, torch.zeros(1, 1029, 1024, device=device), device)
-    gen = torch.Generator().manual_seed(0)
-    norm = {"mean": (torch.randn(32, generator=gen) * 0.5).tolist(), "std": [5.0] * 32}
-    config = {"args": {**{k: {"params": v} for k, v in SAMPLERS.items()}, "shape_slat_normalization": norm,
-                       "tex_slat_normalization": norm, "default_pipeline_type": "1024_cascade"}}
-    store = ModelStore(models, device, offload=False)
-    pipe = Trellis2Pipeline(config, store, conditioner, remover=None)
+    handles = []
+    for dec_name in ("shape_slat_decoder", "tex_slat_decoder"):
+        decoder = bench.models[dec_name]
+        handles.append(decoder.register_forward_pre_hook(mark(f"{dec_name[:5]} start")))
+        handles.append(decoder.register_forward_hook(mark(f"{dec_name[:5]} end (head, mesh)")))
+        for level, stage in enumerate(decoder.blocks):
+            for block in stage:
+                handles.append(block.register_forward_hook(mark(f"{dec_name[:5]} L{level} {type(block).__name__}")))
+    try:
+        with kernel_mode("auto"):
+            bench.run("1024_cascade", "gpu", 1, "auto", "figure")
+    finally:
+        for handle in handles:
+            handle.remove()
+    rows: dict[tuple[int, str], dict[str, Any]] = {}
+    passes, previous = 0, None
+    for name, stamp, peak in records:
+        if name.endswith("start"):
+            passes += 1
+        elif previous is not None:
+            row = rows.setdefault((passes, name), {"pass": passes, "block": name, "calls": 0, "seconds": 0.0,
+                                                   "peak_gib": 0.0})
+            row["calls"] += 1
+            row["seconds"] += stamp - previous
+            row["peak_gib"] = max(row["peak_gib"], peak)
+        previous = stamp
+    table = sorted(rows.values(), key=lambda r: (r["pass"], r["block"]))
+    log("decoder trace (pass 0: cascade upsample):\n" + "\n".join(
+        f"  {r['pass']} {r['block']:<40} x{r['calls']:<3} {r['seconds']:7.3f} s  peak {r['peak_gib']:6.2f} GiB"
+        for r in table))
+    return table
 
-    rgba = np.zeros((768, 768, 4), np.uint8)
-    yy, xx = np.mgrid[:768, :768]
-    inside = (yy - 384) ** 2 + (xx - 384) ** 2 < 300**2
-    rgba[inside] = (180, 120, 60, 255)
-    image = Image.fromarray(rgba, "RGBA")
 
-    timeline: list[tuple[str, float, float]] = []
-
-    def progress(stage: str, step: int, total: int) -> None:
-        timeline.append((stage, sync_time(), torch.cuda.max_memory_allocated() / 2**30))
-
-    from backend.asset.glb import glb_bytes
-    from backend.asset.postprocess import build_textured_mesh
-    from backend.asset.textured_mesh import AssetSettings
-    from backend.trellis2.pipeline import GenerationSettings
-
+def run_pipelines(bench: Bench, plan: list[tuple], out: Path, started: float, budget: float,
+                  log: Callable[[str], None], env: dict) -> list:
     results = []
-    for run in range(2):  # the first run includes one-time CUDA/cuDNN initialisation
-        timeline.clear()
-        torch.cuda.reset_peak_memory_stats()
-        start = sync_time()
-        ovoxel = pipe.run(image, GenerationSettings(pipeline_type="1024_cascade", seed=1), progress)
-        total = sync_time() - start
-        stages: dict[str, dict[str, float]] = {}
-        previous = start
-        for stage, stamp, peak in timeline:
-            entry = stages.setdefault(stage, {"seconds": 0.0, "peak_gib": 0.0})
-            entry["seconds"] += stamp - previous
-            entry["peak_gib"] = max(entry["peak_gib"], peak)
-            previous = stamp
-        asset_start = sync_time()
-        mesh = build_textured_mesh(ovoxel, AssetSettings(faces=500_000, texture_size=2048), device=device)
-        glb = glb_bytes(mesh)
-        asset_seconds = sync_time() - asset_start
-        results.append({"run": run, "total_seconds": total, "stages": stages,
-                        "asset_seconds": asset_seconds, "asset_stages": mesh.metadata.get("timings"),
-                        "image_to_glb_seconds": total + asset_seconds, "glb_mib": len(glb) / 2**20,
-                        "final_faces": int(mesh.indices.shape[0]),
-                        "hr_tokens": ovoxel.metadata["tokens"], "voxels": int(ovoxel.coords.shape[0]),
-                        "faces": int(ovoxel.faces.shape[0]), "resolution": ovoxel.resolution,
-                        "peak_gib": torch.cuda.max_memory_allocated() / 2**30})
-        print(json.dumps(results[-1], indent=1), flush=True)
-    return {"calibration": calibration, "runs": results}
+    for pipeline, memory, runs, kernels, structure, asset in plan:
+        if time.perf_counter() - started > budget:
+            log(f"skipped (budget): {pipeline} {memory} {kernels} {structure}")
+            continue
+        try:
+            with kernel_mode(kernels):
+                result = bench.run(pipeline, memory, runs, kernels, structure, asset)
+        except Exception:  # one failing configuration must not lose the others' numbers
+            log(f"FAILED {pipeline} {memory} {kernels} {structure}\n{traceback.format_exc()}")
+            continue
+        results.append(result)
+        log(format_result(result))
+        (out / "pipelines.json").write_text(json.dumps(to_json(env, results), indent=1))
+    return results
+
+
+PLAN = [  # pipeline, memory, runs, kernels, structure, asset; most important first (the budget may cut the tail)
+    ("512", "gpu", 2, "auto", "figure", False),
+    ("1024_cascade", "gpu", 2, "auto", "figure", False),
+    ("1024_cascade", "gpu", 1, "torch", "figure", False),
+    ("1536_cascade", "gpu", 1, "auto", "figure", False),
+    ("1024_cascade", "offload", 1, "auto", "figure", False),
+    ("1024_cascade", "gpu", 1, "auto", "calibrated", False),
+    ("1024_cascade", "gpu", 1, "torch", "calibrated", False),
+    ("512", "gpu", 1, "torch", "figure", False),
+    ("1024_cascade", "gpu", 1, "auto", "teapot", False),
+    ("1024_cascade", "gpu", 1, "eager", "figure", False),
+]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--out", default="gpu_full_size.json")
-    parser.add_argument("--skip-flows", action="store_true", help="only the whole-pipeline benchmark")
+    parser.add_argument("--out", type=Path, default=Path("gpu_full_size"))
+    parser.add_argument("--budget", type=float, default=240.0, help="seconds after which no new item starts")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["flows", "profiles", "pipelines", "trace"])
+    parser.add_argument("--profile-modes", nargs="*", default=["torch", "eager"], choices=["torch", "eager"])
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    log_file = (args.out / "log.txt").open("a")
+
+    def log(text: str) -> None:
+        line = f"[{time.perf_counter() - started:6.1f}s] {text}"
+        print(line, flush=True)
+        log_file.write(line + "\n")
+        log_file.flush()
+
     device = torch.device("cuda")
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    if not args.skip_flows:
-        report["flows"] = bench_flows(device)
-    torch.cuda.empty_cache()
-    report["pipeline"] = bench_pipeline(device)
-    with open(args.out, "w") as f:
-        json.dump(report, f, indent=1)
+    env = environment(device)
+    log(json.dumps(env))
+    report: dict[str, Any] = {"environment": env}
+    items = (("flows", lambda: bench_flows(device, log)),
+             ("profiles", lambda: profiles(device, args.out, log, tuple(args.profile_modes))))
+    for item, fn in items:
+        if item in args.skip:
+            continue
+        try:
+            report[item] = fn()
+        except Exception:
+            log(f"FAILED {item}\n{traceback.format_exc()}")
+        (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
+    if "pipelines" not in args.skip:
+        bench = Bench(device)
+        log(f"models built at {time.perf_counter() - started:.1f}s")
+        results = run_pipelines(bench, PLAN, args.out, started, args.budget, log, env)
+        log("\n" + summary_table(results))
+        if "trace" not in args.skip and time.perf_counter() - started < args.budget:
+            try:
+                report["decoder_trace"] = decoder_trace(bench, log)
+            except Exception:
+                log(f"FAILED decoder trace\n{traceback.format_exc()}")
+    (args.out / "report.json").write_text(json.dumps(report, indent=1, default=str))
 
 
 if __name__ == "__main__":

@@ -10,13 +10,13 @@ import re
 import torch
 
 from backend.golden.registry import Case, Check, close, exact, golden_kind
+from backend.native.rms_norm_rope import apply_rope_torch as apply_rope
 from backend.trellis2.schedule import flow_time_pairs
 from backend.trellis2.slat_flow import ElasticSLatFlowModel, SLatFlowModel
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.ss_flow import SparseStructureFlowModel
 from backend.trellis2.transformer import (
     MultiHeadRMSNorm,
-    apply_rope,
     grid_coords,
     rope_frequencies,
     rope_phases,

@@ -1,12 +1,63 @@
-"""Low-level ops (plain-torch references now; device kernels slot in next to them) and two helpers they share.
+"""Low-level ops: each module holds one op's plain-torch reference and, beside it, its Triton kernel for CUDA.
 
-`VoxelIndex` is the coordinate hash used by the sparse convolution's neighbour map and by mesh extraction;
-`compute_dtype` is the one rule for where a half-precision model torso really computes.
+Shared here: `use_triton`, the one rule for when a kernel replaces its reference (CUDA tensors, Triton importable,
+kernels not switched off); `VoxelIndex`, the coordinate hash used by the sparse convolution's neighbour map and
+by mesh extraction; `compute_dtype`, the one rule for where a half-precision model torso really computes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
 import torch
+
+# "auto": Triton kernels on CUDA tensors and CUDA-graph replay of the flows; "eager": the kernels without graphs;
+# "torch": the plain-torch references everywhere, no graphs (for A/B comparisons, and the escape hatch should a
+# kernel misbehave on some GPU). Read from TRELLIS2_KERNELS at import; `kernel_mode` changes it for a while.
+KERNEL_MODES = ("auto", "eager", "torch")
+_kernel_mode = os.environ.get("TRELLIS2_KERNELS", "auto")
+if _kernel_mode not in KERNEL_MODES:
+    raise ValueError(f"TRELLIS2_KERNELS must be one of {KERNEL_MODES}, got {_kernel_mode!r}")
+TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+# Triton's CPU interpreter (TRITON_INTERPRET=1) runs the kernels on CPU tensors, which lets CI check them.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def kernels_enabled() -> bool:
+    """False while every op is told to run its torch reference (TRELLIS2_KERNELS=torch or `kernel_mode`)."""
+    return _kernel_mode != "torch"
+
+
+def graphs_enabled() -> bool:
+    """Whether the flows may capture and replay CUDA graphs (mode "auto" only)."""
+    return _kernel_mode == "auto"
+
+
+def use_triton(*tensors: torch.Tensor) -> bool:
+    """Whether an op should run its Triton kernel on these inputs rather than its torch reference."""
+    if not kernels_enabled() or not TRITON_AVAILABLE:
+        return False
+    wanted = "cpu" if TRITON_INTERPRETED else "cuda"
+    return all(
+        t.device.type == wanted and (t.dtype in TRITON_DTYPES or not t.is_floating_point()) for t in tensors
+    )
+
+
+@contextlib.contextmanager
+def kernel_mode(mode: str) -> Iterator[None]:
+    """Temporarily run every op in `mode` (one of KERNEL_MODES); the benchmark uses it to time each path."""
+    global _kernel_mode
+    if mode not in KERNEL_MODES:
+        raise ValueError(f"kernel mode must be one of {KERNEL_MODES}, got {mode!r}")
+    previous, _kernel_mode = _kernel_mode, mode
+    try:
+        yield
+    finally:
+        _kernel_mode = previous
 
 
 def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:

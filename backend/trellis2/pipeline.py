@@ -25,8 +25,8 @@ from backend.errors import JobFailure, OutOfMemory, UnsupportedSetting
 from backend.ovoxel.ovoxel import OVoxel
 from backend.progress import ProgressCallback, Stage, ignore_progress
 from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
+from backend.trellis2.cuda_graphs import drop_graphs
 from backend.trellis2.sampler import SamplerParams
-from protocol.settings import DEFAULT_WEIGHTS, GENERATE, SETTINGS, Schema, sampler_setting_name, sampler_values
 from backend.trellis2.stages import (
     Normalization,
     cascade_coords,
@@ -36,10 +36,13 @@ from backend.trellis2.stages import (
     seeded_noise,
     upsample_lr_shape,
 )
+from protocol.settings import DEFAULT_WEIGHTS, GENERATE, SETTINGS, Schema, sampler_setting_name, sampler_values
 
 log = logging.getLogger(__name__)
 
-# Activation headroom kept free when deciding whether every model can stay on the GPU at once.
+# Activation headroom kept free when deciding whether every model can stay on the GPU at once. Measured on an
+# H200 (docs/benchmarks.md, 2026-12-04): a T.png-like object peaks 4.0 GiB over the weights in 1024_cascade and
+# 7.6 GiB in 1536_cascade; the rest is margin for the allocator's fragmentation.
 GPU_HEADROOM_BYTES = 12 * 2**30
 
 # The stages a generation reports, with their share of a typical job's time (measured on the GPU, 1024_cascade).
@@ -125,13 +128,35 @@ def checkpoint_sampler_defaults(args: Mapping[str, Any], stage_samplers: Mapping
 
 
 class ModelStore:
-    """Owns the loaded networks and where they live. In "offload" mode a model visits the GPU only while used."""
+    """Owns the loaded networks and where they live. In "offload" mode a model visits the GPU only while used:
+    its weights stay in pinned host memory (copied in at ~20x the speed of pageable memory) and, since weights
+    never change, leaving the GPU only points the model back at those host copies."""
 
     def __init__(self, models: dict[str, nn.Module], device: torch.device, offload: bool) -> None:
         self.models, self.device, self.offload = models, device, offload
+        self.host: dict[str, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
         if not offload:
             for model in models.values():
                 model.to(device)
+            return
+        pin = device.type == "cuda"
+        for name, model in models.items():
+            self.host[name] = [
+                (module, kind, key, _host_copy(tensor.detach(), pin))
+                for module in model.modules()
+                for kind in ("_parameters", "_buffers")
+                for key, tensor in getattr(module, kind).items()
+                if tensor is not None
+            ]
+            self._point_at(name, lambda host: host)
+
+    def _point_at(self, name: str, place: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Give every parameter and buffer of model `name` the data place(host copy)."""
+        for module, kind, key, host in self.host[name]:
+            if kind == "_parameters":
+                module._parameters[key].data = place(host)
+            else:
+                module._buffers[key] = place(host)
 
     @classmethod
     def placed(cls, models: dict[str, nn.Module], device: str | torch.device | None, memory: str) -> ModelStore:
@@ -146,14 +171,23 @@ class ModelStore:
     def use(self, name: str) -> Iterator[nn.Module]:
         model = self.models[name]
         if self.offload:
-            model.to(self.device)
+            self._point_at(name, lambda host: host.to(self.device, non_blocking=True, copy=True))
         try:
             yield model
         finally:
             if self.offload:
-                model.to("cpu")
+                drop_graphs(model)  # graphs hold the addresses of the weights being released
+                self._point_at(name, lambda host: host)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
+
+
+def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
+    """The tensor in host memory, page-locked when `pin` (also straight from the GPU, which is fast when pinned)."""
+    if not pin:
+        return tensor.cpu()
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    return host.copy_(tensor)
 
 
 def model_bytes(models: dict[str, nn.Module]) -> int:

@@ -14,6 +14,10 @@ input carries one follows it instead of any logits (as the reference's SparseCha
 
 With use_fp16, the Linear/conv parameters inside `blocks` are stored in fp16 and the torso computes in fp16
 (fp32 on CPU, see `compute_dtype`); LayerNorms always compute in fp32.
+
+Memory: the finest levels hold millions of voxels, so everything that widens the features (the ConvNeXt MLP's
+4x hidden layer, the up-block's 8 x O conv output before the children are picked, the float32 head) runs over
+blocks of rows of at most CHUNK_ELEMENTS values; row-wise work is unchanged by the blocking.
 """
 
 from __future__ import annotations
@@ -27,13 +31,22 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from backend.ovoxel.dual_grid import flexible_dual_grid_to_mesh
-from backend.native import compute_dtype
-from backend.native.sparse_conv import build_neighbour_map, submanifold_conv3d
+from backend.native import VoxelIndex, compute_dtype
+from backend.native.fused_layer_norm import fused_layer_norm
+from backend.native.sparse_conv import build_neighbour_map, neighbour_rows, submanifold_conv3d
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.transformer import LayerNorm32
 
 NEIGHBOUR_MAP_KEY = "submanifold_conv3d_3x3x3"
 MESH_AABB = ((-0.5, -0.5, -0.5), (0.5, 0.5, 0.5))
+# Values in one block of widened rows: 2^25 is 64 MiB in fp16 (the GPU torso), 128 MiB in fp32.
+CHUNK_ELEMENTS = 1 << 25
+
+
+def row_blocks(rows: int, row_elements: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges covering `rows` rows, each with at most CHUNK_ELEMENTS // row_elements rows."""
+    step = max(1, CHUNK_ELEMENTS // max(1, row_elements))
+    return [(start, min(rows, start + step)) for start in range(0, rows, step)]
 
 
 class Linear(nn.Linear):
@@ -79,8 +92,12 @@ class SparseConvNeXtBlock3d(nn.Module):
         self.mlp = nn.Sequential(Linear(channels, hidden), nn.SiLU(), Linear(hidden, channels))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        h = self.mlp(self.norm(self.conv(x).feats))
-        return x.replace(h + x.feats)
+        h = self.conv(x).feats
+        up, _silu, down = self.mlp
+        for start, stop in row_blocks(h.shape[0], up.out_features):  # h's rows become the block's output rows
+            _, normed = fused_layer_norm(h[start:stop], self.norm.eps, self.norm.weight, self.norm.bias)
+            torch.add(down(F.silu(up(normed), inplace=True)), x.feats[start:stop], out=h[start:stop])
+        return x.replace(h)
 
 
 def subdivide(coords: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -188,18 +205,62 @@ class SparseResBlockC2S3d(nn.Module):
             return guide
         return x.replace(self.to_subdiv(x.feats)) if hasattr(self, "to_subdiv") else None
 
-    def forward(self, x: SparseTensor, guide: SparseTensor | None = None
-                ) -> tuple[SparseTensor, SparseTensor | None]:
+    def forward(
+        self, x: SparseTensor, guide: SparseTensor | None = None, keep_neighbours: bool = True
+    ) -> tuple[SparseTensor, SparseTensor | None]:
         """Returns (children features [M, O], the subdivision logits used [N, 8] on x's voxels, if any).
 
         An encoder hierarchy recorded on x's voxels decides the children whatever the logits say.
+        keep_neighbours=False: nothing after this block convolves the children (the decoder's last level), so
+        conv2 streams over blocks of output rows with their own neighbour rows instead of building, caching and
+        holding the children's whole neighbour map (the largest single buffer of a decode).
         """
         logits = self.subdivision_logits(x, guide)
         sub = subdivision_of(x, None if logits is None else logits.feats > 0)
-        h = channel_to_spatial(self.conv1(x.replace(F.silu(self.norm1(x.feats)))), sub)
-        skip = channel_to_spatial(x, sub).feats.repeat_interleave(self.out_channels // (x.feats.shape[1] // 8), dim=1)
-        h = self.conv2(h.replace(F.silu(self.norm2(h.feats))))
-        return h.replace(h.feats + skip), logits
+        slot, child_coords = sub.slot, sub.coords
+        n, c = x.feats.shape
+        o = self.out_channels
+        _, act = fused_layer_norm(x.feats, self.norm1.eps, self.norm1.weight, self.norm1.bias, silu=True)
+        weight, bias = self.conv1.weight.to(act.dtype), self.conv1.bias.to(act.dtype)
+        neighbours = neighbour_map(x)
+        # conv1 gives all 8 children's features of a parent (8 x O channels); compute it for a block of parents
+        # at a time and keep only the children that exist. Children are visited in slot order (parent-major), so
+        # each block's are a run; an encoder's hierarchy lists them in its own order, hence the sort.
+        order = torch.argsort(slot)
+        sorted_slot = slot[order]
+        blocks = row_blocks(n, 8 * o)
+        starts = torch.tensor([start for start, _ in blocks] + [n], device=slot.device)
+        bounds = torch.searchsorted(sorted_slot, starts * 8).tolist()
+        children = act.new_empty(slot.shape[0], o)
+        for (start, stop), lo, hi in zip(blocks, bounds, bounds[1:]):
+            parents = submanifold_conv3d(act, neighbours[start:stop], weight, bias)
+            children[order[lo:hi]] = parents.view(-1, o)[sorted_slot[lo:hi] - start * 8]
+        del act
+        _, act = fused_layer_norm(children, self.norm2.eps, silu=True, out=children)  # in place
+        h = SparseTensor(act, child_coords, sub.cache)
+        weight, bias = self.conv2.weight.to(act.dtype), self.conv2.bias.to(act.dtype)
+        if keep_neighbours:
+            neighbours, index, blocks = neighbour_map(h), None, [(0, act.shape[0])]
+        else:
+            # ~1M rows a block: their neighbour rows, lookups and conv output stay around 300 MB
+            neighbours, index, blocks = None, VoxelIndex(child_coords), row_blocks(act.shape[0], 32)
+        # The skip is channel group k of the parent for child k, each value repeated O / (C / 8) times.
+        skip = x.feats.reshape(n * 8, c // 8)
+        out = act.new_empty(act.shape[0], o)
+        for start, stop in blocks:
+            rows = neighbours[start:stop] if index is None else neighbour_rows(index, child_coords[start:stop])
+            block = submanifold_conv3d(act, rows, weight, bias)
+            block.view(-1, c // 8, o // (c // 8)).add_(skip[slot[start:stop]].unsqueeze(2))
+            out[start:stop] = block
+        return h.replace(out), logits
+
+
+def _with_guide_cache(x: SparseTensor, guide: SparseTensor) -> SparseTensor:
+    """x sharing the guide's coordinate cache when both are on the same voxels: a texture decoder following the
+    shape decoder's subdivisions then reuses its neighbour maps instead of building and holding its own."""
+    if guide.coords.shape == x.coords.shape and torch.equal(guide.coords, x.coords):
+        return SparseTensor(x.feats, x.coords, guide.cache)
+    return x  # the up-block refuses a guide on other voxels, with a clear error
 
 
 BLOCK_TYPES = {"SparseConvNeXtBlock3d": SparseConvNeXtBlock3d}
@@ -274,15 +335,22 @@ class SparseUnetVaeDecoder(nn.Module):
         h = self._torso_input(x)
         subs: list[SparseTensor] = []
         for i, stage in enumerate(self.blocks):
+            if guide_subs is not None and i < len(guide_subs):
+                h = _with_guide_cache(h, guide_subs[i])
             for block in stage:
                 if isinstance(block, SparseResBlockC2S3d):
-                    h, logits = block(h, None if guide_subs is None else guide_subs[i])
+                    streams = i == self.num_up_blocks - 1 and len(self.blocks[-1]) == 0  # no conv follows
+                    h, logits = block(h, None if guide_subs is None else guide_subs[i], keep_neighbours=not streams)
                     if logits is not None:
                         subs.append(logits)
                 else:
                     h = block(h)
-        feats = F.layer_norm(h.feats.to(x.dtype), h.feats.shape[-1:])
-        return h.replace(self.output_layer(feats)), subs
+        out = h.feats.new_empty(h.feats.shape[0], self.output_layer.out_features, dtype=x.dtype)
+        for start, stop in row_blocks(h.feats.shape[0], h.feats.shape[1]):
+            feats = F.layer_norm(h.feats[start:stop].to(x.dtype), h.feats.shape[-1:])
+            out[start:stop] = self.output_layer(feats)
+        # A fresh cache: the finest level's neighbour map is not needed by whoever keeps the output.
+        return SparseTensor(out, h.coords), subs
 
     def forward(
         self, x: SparseTensor, guide_subs: list[SparseTensor] | None = None, return_subs: bool = False

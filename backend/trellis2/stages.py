@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from backend.trellis2.cuda_graphs import captured_graphs
 from backend.trellis2.sampler import FlowEulerGuidanceSampler, SamplerParams, StepCallback
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.ss_decoder import occupied_coords
@@ -66,7 +67,8 @@ def sample_sparse_structure(
     device = cond.device
     r = flow.resolution
     z = noise((cond.shape[0], flow.in_channels, r, r, r)).to(device)
-    z = SAMPLER.sample(flow, z, cond, torch.zeros_like(cond), params, on_step).samples
+    with captured_graphs(flow, keep=True):  # 4096 tokens per item whatever the image: graphs serve every job
+        z = SAMPLER.sample(flow, z, cond, torch.zeros_like(cond), params, on_step).samples
     return occupied_coords(decoder(z), resolution)
 
 
@@ -82,7 +84,8 @@ def sample_shape_slat(
 ) -> SparseTensor:
     """The (denormalised) shape latent on `coords`."""
     x = SparseTensor(noise((coords.shape[0], flow.in_channels)).to(cond.device), coords)
-    out = SAMPLER.sample(flow, x, cond, torch.zeros_like(cond), params, on_step).samples
+    with captured_graphs(flow):
+        out = SAMPLER.sample(flow, x, cond, torch.zeros_like(cond), params, on_step).samples
     return normalization.denormalize(out)
 
 
@@ -123,5 +126,6 @@ def sample_texture_slat(
     concat = shape_normalization.normalize(shape_slat)
     n_noise = flow.in_channels - concat.feats.shape[1]
     x = shape_slat.replace(noise((shape_slat.feats.shape[0], n_noise)).to(cond.device))
-    out = SAMPLER.sample(flow, x, cond, torch.zeros_like(cond), params, on_step, concat_cond=concat).samples
+    with captured_graphs(flow):
+        out = SAMPLER.sample(flow, x, cond, torch.zeros_like(cond), params, on_step, concat_cond=concat).samples
     return tex_normalization.denormalize(out)

@@ -7,6 +7,11 @@ sparse model its voxels, so one block implementation serves both.
 Attribute names reproduce the reference state-dict keys (shared/reference/manifests). The numerics copy
 the reference (shared/reference/numerics.md §4): LayerNorms, q/k RMS norms, RoPE and the timestep embedding
 run in float32 and cast back; the modulation `h * (1 + scale) + shift` runs in the torso dtype.
+
+The elementwise work between the GEMMs and attention goes through `backend/native` ops (on CUDA, Triton kernels
+that fuse the norm with the residual and modulation, the q/k norm with RoPE, and the GELU into its GEMM; on
+CPU, exactly the reference's op sequence). `forward_tokens` replays a CUDA graph while a sampler runs inside
+`captured_graphs` (backend/trellis2/cuda_graphs.py).
 """
 
 from __future__ import annotations
@@ -17,7 +22,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from backend.native.fused_layer_norm import fused_layer_norm, layer_norm32
+from backend.native.gated_residual import gated_residual
+from backend.native.linear_gelu import linear_gelu
+from backend.native.rms_norm_rope import rms_norm_rope, rms_norm_torch
 from backend.trellis2.attention import attention
+from backend.trellis2.cuda_graphs import FlowGraphs
 
 DTYPES = {
     "f16": torch.float16, "fp16": torch.float16, "float16": torch.float16,
@@ -43,18 +53,14 @@ class Packing:
                 torch.arange(len(seqlens), device=device), counts, output_size=sum(seqlens)
             )
 
-    def per_row(self, values: torch.Tensor) -> torch.Tensor:
-        """Per-item values [B, ...] -> broadcastable against the packed rows [N, ...]."""
-        return values if self.row_items is None else values[self.row_items]
-
 
 # ----------------------------------------------------------------------------------------- timestep
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding [B, dim] of t (already 1000 * flow time): cosines first, then sines."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
+    half = dim // 2  # the table is made on t's device: a host-to-device copy could not be graph-captured
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
     args = t[:, None].float() * freqs[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     return F.pad(emb, (0, dim % 2))
@@ -94,12 +100,6 @@ def rope_phases(coords: torch.Tensor, head_dim: int, rope_freq: tuple[float, flo
     return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """Rotate adjacent channel pairs (2i, 2i+1) of x [..., H, D] by phases [..., D/2], in float32."""
-    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(pairs * phases.unsqueeze(-2)).reshape(x.shape).to(x.dtype)
-
-
 def grid_coords(resolution: int) -> torch.Tensor:
     """int64 [R^3, 3] voxel coords of a dense grid in x-major order (token index = (x*R + y)*R + z)."""
     axis = torch.arange(resolution)
@@ -110,30 +110,23 @@ def grid_coords(resolution: int) -> torch.Tensor:
 
 
 class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in float32 (with float32 affine params), returned in the input dtype.
-
-    The reference casts a half input to float32, normalises and casts back. Without affine params,
-    PyTorch's kernel does exactly that internally for a half input (float32 statistics and arithmetic, one
-    rounding at the end), so the input goes in as is and two passes over the activations are saved. The
-    CUDA kernel rejects half input with float32 params, so the affine norm keeps the explicit round trip.
-    """
+    """LayerNorm computed in float32 (with float32 affine params), returned in the input dtype
+    (`backend.native.fused_layer_norm.layer_norm32`)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.weight is not None and x.dtype != self.weight.dtype:
-            return F.layer_norm(x.float(), self.normalized_shape, self.weight, self.bias, self.eps).type(x.dtype)
-        return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return layer_norm32(x, self.eps, self.weight, self.bias)
 
 
 class MultiHeadRMSNorm(nn.Module):
-    """Per-head L2 normalisation times a learned gain [H, D] times sqrt(D), in float32."""
+    """Per-head L2 normalisation times a learned gain [H, D] times sqrt(D), in float32. The attention layers
+    apply it through `rms_norm_rope` together with RoPE; this module holds the gain."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()
-        self.scale = dim**0.5
         self.gamma = nn.Parameter(torch.ones(heads, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (F.normalize(x.float(), dim=-1) * self.gamma * self.scale).to(x.dtype)
+        return rms_norm_torch(x, self.gamma)
 
 
 # ----------------------------------------------------------------------------------------- layers
@@ -154,9 +147,8 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, packing: Packing, phases: torch.Tensor) -> torch.Tensor:
         """x [N, C]; phases [N, D/2] complex RoPE phases of each row."""
         q, k, v = self.to_qkv(x).view(x.shape[0], 3, self.num_heads, -1).unbind(1)
-        if self.qk_rms_norm:
-            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
-        q, k = apply_rope(q, phases), apply_rope(k, phases)
+        q = rms_norm_rope(q, self.q_rms_norm.gamma if self.qk_rms_norm else None, phases)
+        k = rms_norm_rope(k, self.k_rms_norm.gamma if self.qk_rms_norm else None, phases)
         h = attention(q, k, v, packing.seqlens)
         return self.to_out(h.reshape(x.shape))
 
@@ -180,7 +172,8 @@ class CrossAttention(nn.Module):
         q = self.to_q(x).view(x.shape[0], self.num_heads, -1)
         k, v = self.to_kv(context).view(batch * ctx_len, 2, self.num_heads, -1).unbind(1)
         if self.qk_rms_norm:
-            q, k = self.q_rms_norm(q), self.k_rms_norm(k)
+            q = rms_norm_rope(q, self.q_rms_norm.gamma, None)
+            k = rms_norm_rope(k, self.k_rms_norm.gamma, None)
         h = attention(q, k, v, packing.seqlens, [ctx_len] * batch)
         return self.to_out(h.reshape(x.shape))
 
@@ -196,7 +189,8 @@ class FeedForward(nn.Module):
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
+        up, _gelu, down = self.mlp
+        return down(linear_gelu(x, up.weight, up.bias))
 
 
 class ModulatedCrossBlock(nn.Module):
@@ -238,13 +232,14 @@ class ModulatedCrossBlock(nn.Module):
         # The float32 offset + torso-dtype mod sums in float32, then is cast, as in the reference.
         mod = (self.modulation + mod).type(mod.dtype) if self.share_mod else self.adaLN_modulation(mod)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = mod.chunk(6, dim=1)
-        per_row = packing.per_row
+        items = packing.row_items
 
-        h = self.norm1(x) * per_row(1 + scale_msa) + per_row(shift_msa)
-        x = x + self.self_attn(h, packing, phases) * per_row(gate_msa)
-        x = x + self.cross_attn(self.norm2(x), context, packing)
-        h = self.norm3(x) * per_row(1 + scale_mlp) + per_row(shift_mlp)
-        return x + self.mlp(h) * per_row(gate_mlp)
+        _, h = fused_layer_norm(x, self.norm1.eps, modulation=(scale_msa, shift_msa), row_items=items)
+        x, h = fused_layer_norm(x, self.norm2.eps, self.norm2.weight, self.norm2.bias,
+                                residual=self.self_attn(h, packing, phases), gate=gate_msa, row_items=items)
+        x, h = fused_layer_norm(x, self.norm3.eps, residual=self.cross_attn(h, context, packing),
+                                modulation=(scale_mlp, shift_mlp), row_items=items)
+        return gated_residual(x, self.mlp(h), gate_mlp, items)
 
 
 class FlowTransformer(nn.Module):
@@ -303,6 +298,7 @@ class FlowTransformer(nn.Module):
             for _ in range(num_blocks)
         )
         self.out_layer = nn.Linear(model_channels, out_channels)
+        self.graphs: FlowGraphs | None = None  # set while a sampler runs inside `captured_graphs(self)`
 
     def forward_tokens(
         self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, packing: Packing, phases: torch.Tensor
@@ -310,6 +306,13 @@ class FlowTransformer(nn.Module):
         """x [N, Cin] packed rows; t [B] (1000 * flow time); cond [B, L, Cc]; phases [N, D/2] -> [N, Cout]."""
         if cond.shape[0] != len(packing.seqlens):
             raise ValueError(f"cond has {cond.shape[0]} items but the tokens have {len(packing.seqlens)}")
+        if self.graphs is not None:
+            return self.graphs.run(self._forward_tokens, (x, t, cond, phases), packing, tuple(packing.seqlens))
+        return self._forward_tokens(x, t, cond, phases, packing)
+
+    def _forward_tokens(
+        self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, phases: torch.Tensor, packing: Packing
+    ) -> torch.Tensor:
         h = self.input_layer(x).type(self.dtype)
         t_emb = self.t_embedder(t)
         if self.share_mod:

@@ -194,20 +194,61 @@ def test_quad_split_and_missing_corner() -> None:
     assert faces.tolist() == [[0, 1, 3], [3, 1, 2]]
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def on_cuda(x: SparseTensor) -> SparseTensor:
+    return SparseTensor(x.feats.cuda(), x.coords.cuda())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @torch.no_grad()
 def test_cuda_fp16_decoders_follow_cpu() -> None:
     shape_dec, tex_dec = tiny_decoders(8)
     x = tiny_latent(9)
     cpu = shape_dec(x)
-    gpu = shape_dec.cuda()(x.to("cuda"))
+    gpu = shape_dec.cuda()(on_cuda(x))
     assert torch.equal(gpu.raw.coords.cpu(), cpu.raw.coords)
     torch.testing.assert_close(gpu.raw.feats.cpu(), cpu.raw.feats, atol=1e-4, rtol=1e-4)
     for (v_gpu, f_gpu), (v_cpu, f_cpu) in zip(gpu.meshes, cpu.meshes):
         assert torch.equal(f_gpu.cpu(), f_cpu)
     half = FlexiDualGridVaeDecoder(resolution=16, use_fp16=True, **TINY).eval()
     half.load_state_dict(shape_dec.state_dict())
-    half_out = half.cuda()(x.to("cuda"))
+    half_out = half.cuda()(on_cuda(x))
     assert half.blocks[0][0].conv.weight.dtype == torch.float16 and half_out.raw.feats.dtype == torch.float32
-    tex = tex_dec.cuda()(x.to("cuda"), guide_subs=half_out.subs)
+    tex = tex_dec.cuda()(on_cuda(x), guide_subs=half_out.subs)
     assert torch.equal(tex.coords, half_out.raw.coords)
+
+
+@torch.no_grad()
+def test_row_blocks_do_not_change_the_decoders(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoders bound their memory by working over blocks of rows; the result must not depend on it."""
+    import backend.trellis2.sc_vae as sc_vae
+
+    shape_dec, tex_dec = tiny_decoders(10)
+    x = tiny_latent(11)
+    whole_shape = shape_dec(x)
+    whole_tex = tex_dec(x, guide_subs=whole_shape.subs)
+    monkeypatch.setattr(sc_vae, "CHUNK_ELEMENTS", 100)  # a few rows per block, the last one partial
+    assert len(sc_vae.row_blocks(37, 16)) == 7
+    blocked_shape = shape_dec(x)
+    blocked_tex = tex_dec(x, guide_subs=blocked_shape.subs)
+    assert torch.equal(blocked_shape.raw.coords, whole_shape.raw.coords)
+    # float32 GEMMs over fewer rows may sum in another order: rounding-level differences only
+    torch.testing.assert_close(blocked_shape.raw.feats, whole_shape.raw.feats, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(blocked_tex.feats, whole_tex.feats, atol=2e-5, rtol=2e-5)
+    assert torch.equal(shape_dec.upsample(x), blocked_shape.raw.coords)
+
+
+@torch.no_grad()
+def test_up_block_streams_its_last_conv_to_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An up-block with nothing after it streams conv2 over blocks of rows with their own neighbour rows."""
+    import backend.trellis2.sc_vae as sc_vae
+
+    torch.manual_seed(12)
+    block = sc_vae.SparseResBlockC2S3d(16, 8).eval()
+    x = tiny_latent(13)
+    x = x.replace(torch.randn(x.feats.shape[0], 16))
+    kept, kept_logits = block(x, keep_neighbours=True)
+    monkeypatch.setattr(sc_vae, "CHUNK_ELEMENTS", 32 * 5)  # blocks of 5 rows
+    streamed, logits = block(SparseTensor(x.feats, x.coords), keep_neighbours=False)
+    assert torch.equal(streamed.coords, kept.coords) and torch.equal(logits.feats, kept_logits.feats)
+    assert sc_vae.NEIGHBOUR_MAP_KEY in kept.cache and sc_vae.NEIGHBOUR_MAP_KEY not in streamed.cache
+    torch.testing.assert_close(streamed.feats, kept.feats, atol=1e-6, rtol=1e-6)
