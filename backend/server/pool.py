@@ -390,7 +390,7 @@ class WorkerPool:
             if job is not None and event.outcome is not None:
                 self._finish(event.outcome, event.seconds)
         elif isinstance(event, Loaded):
-            slot.facts, slot.state, slot.error = event.facts, WorkerState.IDLE, ""
+            slot.facts, slot.state = event.facts, WorkerState.IDLE
             log.info("worker %s ready on %s (%s, pid %d)", slot.plan.name, event.facts.device, event.facts.host,
                      event.facts.pid)
         elif isinstance(event, LoadFailed):

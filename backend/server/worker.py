@@ -190,6 +190,7 @@ class EngineWorker:
     def __init__(self, load: Loader, outbox: Callable[[Event], None], overlap: bool = False) -> None:
         self._load, self._outbox, self._overlap = load, outbox, overlap
         self._engine: Engine | None = None
+        self._facts: WorkerFacts | None = None
         self._lock = threading.Lock()
         self._jobs: dict[str, _Job] = {}
         self._generating: _Job | None = None  # on the generation lane
@@ -265,7 +266,7 @@ class EngineWorker:
         log.info("loading models")
         try:
             self._engine = engine = self._load()
-            facts = WorkerFacts(socket.gethostname(), os.getpid(), engine.device, tuple(engine.models()),
+            self._facts = facts = WorkerFacts(socket.gethostname(), os.getpid(), engine.device, tuple(engine.models()),
                                 tuple(engine.capabilities), engine.versions(), engine.schema)
         except Exception as exc:
             log.exception("loading the models failed; this worker takes no jobs")
@@ -297,10 +298,7 @@ class EngineWorker:
     def _memory_allows_overlap(self) -> bool:
         engine = self._engine
         available = engine.available_memory() if engine is not None else None
-        if available is None:  # off the GPU: nothing to measure
-            return True
-        peaks = self._peaks
-        return min(peaks.values()) > 0 and available >= OVERLAP_MARGIN * (peaks["generate"] + peaks["build"])
+        return overlap_fits(available, self._peaks["generate"], self._peaks["build"])
 
     # -- one job ----------------------------------------------------------------------------------
 
@@ -370,6 +368,7 @@ class EngineWorker:
             job.meter.close_stage()
             meta = {**spec_metadata(job.order.spec, job.settings), "ovoxel": job.ovoxel.metadata,
                     "timings": {**job.meter.timings, "total": time.monotonic() - job.started},
+                    "worker": {"host": self._facts.host, "pid": self._facts.pid, "device": self._facts.device},
                     "vertex_count": int(len(mesh.positions)), "face_count": int(len(mesh.indices))}
             self._end(job, None, result_message(job.job_id, mesh, meta))
         except Exception as exc:
@@ -404,6 +403,15 @@ class EngineWorker:
         with self._lock:
             self._jobs.pop(job.job_id, None)
         self._outbox(Finished(job.job_id, outcome, seconds))
+
+
+def overlap_fits(available: int | None, generate_peak: int, build_peak: int) -> bool:
+    """Whether a generation may start beside an asset step: off the GPU (`available` None) always; on it, once both
+    steps' peaks have been measured alone, when the memory this process can still allocate covers both with a
+    margin (the asset step may not have reached its own peak yet)."""
+    if available is None:
+        return True
+    return generate_peak > 0 and build_peak > 0 and available >= OVERLAP_MARGIN * (generate_peak + build_peak)
 
 
 def failure_error(job_id: str, exc: BaseException) -> Error:
