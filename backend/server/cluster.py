@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from typing import Any
 
 from backend.server.worker import EngineWorker, Event, EventQueue, JobOrder, Loader, WorkerLost
@@ -115,8 +116,9 @@ def connect(address: str, workers: int | None) -> None:
         raise ValueError("--cluster needs Ray, the optional cluster extra: pip install -e '.[cluster]' (or "
                          "pip install 'ray[default]')") from None
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "logging_level": logging.WARNING}
-    if address == LOCAL:
-        kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, workers or 0))
+    if address == LOCAL:  # this machine's actors import what this process can (a loader from a script, tests)
+        kwargs.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, workers or 0),
+                      runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}})
     else:
         kwargs["address"] = address
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -64,6 +65,10 @@ def test_info_lists_two_actors_on_a_loopback_cluster(cluster_server):
     assert all(w.state.value == "idle" and w.device == "cpu" and w.host == socket.gethostname() for w in info.workers)
     assert len({w.pid for w in info.workers}) == 2 and os.getpid() not in {w.pid for w in info.workers}
     assert ray.util.get_node_ip_address() == "127.0.0.1"
+
+
+@pytest.mark.skipif(shutil.which("ss") is None, reason="needs `ss` (iproute2) to list listening sockets")
+def test_the_private_cluster_listens_on_loopback_only(cluster_server):
     listening = subprocess.run(["ss", "-Hltnp"], capture_output=True, text=True).stdout.splitlines()
     ray_ports = [line.split()[3] for line in listening if "raylet" in line or "gcs_server" in line]
     assert ray_ports and all("127.0.0.1" in address for address in ray_ports), ray_ports
