@@ -125,6 +125,17 @@ class Info(Message):
     settings: dict[str, Any] = field(default_factory=dict)  # the server's settings schema (Schema.to_wire)
     workers: list[WorkerStatus] = field(default_factory=list)  # who runs the jobs, one entry per worker
 
+    def workers_summary(self) -> str:
+        """How many workers serve, for status lines: "2 workers (1 busy, 1 restarting)"; "" when none are listed."""
+        if not self.workers:
+            return ""
+        counts: dict[str, int] = {}
+        for worker in self.workers:
+            if worker.state != WorkerState.IDLE:
+                counts[worker.state.value] = counts.get(worker.state.value, 0) + 1
+        states = f" ({', '.join(f'{n} {state}' for state, n in counts.items())})" if counts else ""
+        return f"{len(self.workers)} worker{'s' if len(self.workers) > 1 else ''}{states}"
+
 
 class Request(Message):
     """Base of the messages that start a job; the server answers each with Accepted or a refusing Error.
