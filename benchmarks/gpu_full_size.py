@@ -160,7 +160,9 @@ def calibrate(models: dict[str, torch.nn.Module], cond: torch.Tensor, device: to
     return {"lr_tokens_calibration": int(coords.shape[0])}
 
 
-def bench_pipeline(device: torch.device) -> dict[str, Any]:
+def random_pipeline(device: torch.device) -> tuple[Trellis2Pipeline, dict[str, Any]]:
+    """The whole pipeline at full size with calibrated random weights (seeded: every call builds the same one), and
+    the calibration's token count."""
     from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
     from backend.trellis2.image_cond import DinoV3Conditioner
@@ -177,13 +179,21 @@ def bench_pipeline(device: torch.device) -> dict[str, Any]:
     config = {"args": {**{k: {"params": v} for k, v in SAMPLERS.items()}, "shape_slat_normalization": norm,
                        "tex_slat_normalization": norm, "default_pipeline_type": "1024_cascade"}}
     store = ModelStore(models, device, offload=False)
-    pipe = Trellis2Pipeline(config, store, conditioner, remover=None)
+    return Trellis2Pipeline(config, store, conditioner, remover=None), calibration
 
+
+def disc_image() -> Image.Image:
+    """A 768² RGBA image of an orange disc on transparency: the benchmarks' input (its alpha is the mask)."""
     rgba = np.zeros((768, 768, 4), np.uint8)
     yy, xx = np.mgrid[:768, :768]
     inside = (yy - 384) ** 2 + (xx - 384) ** 2 < 300**2
     rgba[inside] = (180, 120, 60, 255)
-    image = Image.fromarray(rgba, "RGBA")
+    return Image.fromarray(rgba, "RGBA")
+
+
+def bench_pipeline(device: torch.device) -> dict[str, Any]:
+    pipe, calibration = random_pipeline(device)
+    image = disc_image()
 
     timeline: list[tuple[str, float, float]] = []
 

@@ -36,10 +36,10 @@ LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # Ray's switch for a single
 class ClusterWorker:
     """The actor: one engine on the GPU Ray gave it (or on a CPU for `--device cpu`)."""
 
-    def __init__(self, load: Loader, overlap: bool) -> None:
+    def __init__(self, name: str, load: Loader, overlap: bool) -> None:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         self._events = EventQueue()
-        self._worker = EngineWorker(load, self._events.put, overlap)
+        self._worker = EngineWorker(name, load, self._events.put, overlap)
         self._worker.start()
 
     def run(self, order: JobOrder) -> None:
@@ -64,13 +64,13 @@ class RayTransport:
     killable = True
     start_timeout_s = None  # the cluster may take its time placing the actor (a busy farm, a node joining)
 
-    def __init__(self, load: Loader, overlap: bool, gpu: bool) -> None:
+    def __init__(self, name: str, load: Loader, overlap: bool, gpu: bool) -> None:
         import ray
 
         self._ray = ray
         resources = {"num_gpus": 1} if gpu else {"num_cpus": 1}
-        actor_class = ray.remote(ClusterWorker)
-        self._actor = actor_class.options(max_concurrency=ACTOR_CONCURRENCY, **resources).remote(load, overlap)
+        actor_class = ray.remote(ClusterWorker).options(max_concurrency=ACTOR_CONCURRENCY, **resources)
+        self._actor = actor_class.remote(name, load, overlap)
         self._poll: Any = None
 
     def run(self, order: JobOrder) -> None:

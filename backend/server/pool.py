@@ -111,9 +111,9 @@ class ThreadTransport:
     killable = False
     start_timeout_s = None
 
-    def __init__(self, load: Loader, overlap: bool) -> None:
+    def __init__(self, name: str, load: Loader, overlap: bool) -> None:
         self._events = EventQueue()
-        self._worker = EngineWorker(load, self._events.put, overlap)
+        self._worker = EngineWorker(name, load, self._events.put, overlap)
         self._worker.start()
         self.run, self.cancel, self.interrupt = self._worker.run, self._worker.cancel, self._worker.interrupt
 
@@ -489,8 +489,8 @@ def build_pool(config: PoolConfig, store: JobStore, emit: Callable[[Message], No
             cluster.disconnect()
             raise ValueError(f"the cluster at {config.cluster} has no GPUs; join GPU machines with `ray start "
                              f"--address`, or give --device cpu --workers N to run on its CPUs")
-        plans = [WorkerPlan(f"ray{i}", device or "cuda", partial(cluster.RayTransport, load, config.overlap, on_gpu),
-                            "cluster") for i in range(count)]
+        plans = [WorkerPlan(f"ray{i}", device or "cuda", partial(cluster.RayTransport, f"ray{i}", load, config.overlap,
+                                                               on_gpu), "cluster") for i in range(count)]
     elif config.gpus is not None:
         if config.workers is not None or device is not None:
             raise ValueError("--gpus gives each GPU its own worker: leave out --workers and --device")
@@ -501,5 +501,5 @@ def build_pool(config: PoolConfig, store: JobStore, emit: Callable[[Message], No
         plans = [WorkerPlan(f"w{i}", device or "auto", partial(ProcessTransport, f"w{i}", load, config.overlap, None))
                  for i in range(config.workers)]
     else:
-        plans = [WorkerPlan("main", device or "auto", partial(ThreadTransport, load, config.overlap))]
+        plans = [WorkerPlan("main", device or "auto", partial(ThreadTransport, "main", load, config.overlap))]
     return WorkerPool(store, emit, plans, config.hang_timeout_s, config.step_timeout_s, on_close)

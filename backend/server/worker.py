@@ -63,8 +63,9 @@ class JobOrder:
 
 @dataclass(frozen=True)
 class WorkerFacts:
-    """What a loaded worker says about itself, for `info`."""
+    """What a loaded worker says about itself, for `info` and each result's metadata."""
 
+    name: str
     host: str
     pid: int
     device: str
@@ -187,7 +188,8 @@ class EngineWorker:
     """Owns one engine and at most two jobs (one per lane). `run`, `cancel`, `interrupt` and `close` are
     thread-safe; `run` is called only after the worker offered itself with `Ready`."""
 
-    def __init__(self, load: Loader, outbox: Callable[[Event], None], overlap: bool = False) -> None:
+    def __init__(self, name: str, load: Loader, outbox: Callable[[Event], None], overlap: bool = False) -> None:
+        self.name = name
         self._load, self._outbox, self._overlap = load, outbox, overlap
         self._engine: Engine | None = None
         self._facts: WorkerFacts | None = None
@@ -266,7 +268,7 @@ class EngineWorker:
         log.info("loading models")
         try:
             self._engine = engine = self._load()
-            self._facts = facts = WorkerFacts(socket.gethostname(), os.getpid(), engine.device, tuple(engine.models()),
+            self._facts = facts = WorkerFacts(self.name, socket.gethostname(), os.getpid(), engine.device, tuple(engine.models()),
                                 tuple(engine.capabilities), engine.versions(), engine.schema)
         except Exception as exc:
             log.exception("loading the models failed; this worker takes no jobs")
@@ -368,7 +370,8 @@ class EngineWorker:
             job.meter.close_stage()
             meta = {**spec_metadata(job.order.spec, job.settings), "ovoxel": job.ovoxel.metadata,
                     "timings": {**job.meter.timings, "total": time.monotonic() - job.started},
-                    "worker": {"host": self._facts.host, "pid": self._facts.pid, "device": self._facts.device},
+                    "worker": {"name": self.name, "host": self._facts.host, "pid": self._facts.pid,
+                               "device": self._facts.device},
                     "vertex_count": int(len(mesh.positions)), "face_count": int(len(mesh.indices))}
             self._end(job, None, result_message(job.job_id, mesh, meta))
         except Exception as exc:

@@ -117,7 +117,7 @@ def child_main(commands: Connection, events: Connection, load_pickle: bytes, ove
             except OSError:  # the server is gone
                 os._exit(0)
 
-    worker = EngineWorker(pickle.loads(load_pickle), outbox, overlap)
+    worker = EngineWorker(name, pickle.loads(load_pickle), outbox, overlap)
     worker.start()
     while True:
         try:

@@ -156,6 +156,7 @@ def a_lost_worker_s_job_restarts_elsewhere(server, controls: Path, lose) -> tupl
         final = last(client.events(job_id, timeout=120))
     assert isinstance(final, Result), final
     assert final.metadata["worker"]["pid"] != lost.pid, "the job must not be finished by the worker that was lost"
+    assert final.metadata["worker"]["name"] != lost.name, "the re-queued job goes to the other worker"
     wait_until(lambda: next(w for w in server.worker.workers() if w.name == lost.name).state.value == "idle", 120,
                f"worker {lost.name} to come back")
     back = next(w for w in server.worker.workers() if w.name == lost.name)

@@ -132,7 +132,7 @@ def test_overlap_starts_the_next_generation_during_an_asset_step(tiny_weights, t
     generation runs to its O-Voxel; both then end with their results."""
     set_control(tmp_path, HOLD, True)
     events: list = []
-    worker = EngineWorker(partial(file_controlled_engine, tiny_weights, tmp_path), events.append, overlap=True)
+    worker = EngineWorker("solo", partial(file_controlled_engine, tiny_weights, tmp_path), events.append, overlap=True)
     worker.start()
     try:
         def order(name: str, seed: int) -> JobOrder:
