@@ -165,3 +165,31 @@ def test_overlap_starts_the_next_generation_during_an_asset_step(tiny_weights, t
 ])
 def test_overlap_needs_room_for_both_measured_peaks(available, peaks, fits):
     assert overlap_fits(available, *peaks) is fits
+
+
+def test_serve_with_two_worker_processes_from_the_command_line(tiny_weights, tmp_path):
+    """As an operator runs it: `serve --workers 2`; jobs from two clients use both workers, a killed worker comes
+    back, and SIGTERM ends the server and its worker processes."""
+    from test_server_restart import ServerProcess, wait_ready
+
+    served = ServerProcess(tiny_weights, tmp_path / "store", tmp_path / "serve.log", "--workers", "2", "--grace", "0",
+                           "--hang-timeout", str(HANG_TIMEOUT_S))
+    try:
+        with connect(served.endpoint) as client:
+            wait_ready(client)
+            wait_until(lambda: [w.state.value for w in client.info(refresh=True).workers] == ["idle", "idle"], 120,
+                       "both workers")
+            workers = client.info(refresh=True).workers
+            jobs = [client.submit(Generate(png(i), {"seed": i, **TINY_JOB})) for i in range(4)]
+            results = [client.fetch(job_id, timeout=120) for job_id in jobs]
+            assert all(isinstance(r, Result) for r in results)
+            assert {r.metadata["worker"]["name"] for r in results} == {"w0", "w1"}
+            os.kill(workers[0].pid, signal.SIGKILL)
+            wait_until(lambda: client.info(refresh=True).workers[0].restarts == 1 and
+                       client.info(refresh=True).workers[0].state.value == "idle", 120, "the killed worker to return")
+            pids = [w.pid for w in client.info(refresh=True).workers]
+        assert served.terminate() == 0
+    finally:
+        served.kill()
+    assert all(process_gone(pid) for pid in pids), "worker processes end with the server"
+    assert "worker w0 was killed by SIGKILL" in served.text()
