@@ -268,8 +268,9 @@ class EngineWorker:
         log.info("loading models")
         try:
             self._engine = engine = self._load()
-            self._facts = facts = WorkerFacts(self.name, socket.gethostname(), os.getpid(), engine.device, tuple(engine.models()),
-                                tuple(engine.capabilities), engine.versions(), engine.schema)
+            self._facts = facts = WorkerFacts(self.name, socket.gethostname(), os.getpid(), engine.device,
+                                              tuple(engine.models()), tuple(engine.capabilities), engine.versions(),
+                                              engine.schema)
         except Exception as exc:
             log.exception("loading the models failed; this worker takes no jobs")
             self._outbox(LoadFailed(f"{type(exc).__name__}: {exc}"))

@@ -80,7 +80,8 @@ def test_clients_jobs_spread_over_both_actors(cluster_server):
 
 
 def test_a_killed_actor_s_job_restarts_on_the_other(cluster_server, control_dir):
-    lost, _ = a_lost_worker_s_job_restarts_elsewhere(cluster_server, control_dir, lambda w: os.kill(w.pid, signal.SIGKILL))
+    lost, _ = a_lost_worker_s_job_restarts_elsewhere(cluster_server, control_dir,
+                                                     lambda w: os.kill(w.pid, signal.SIGKILL))
     assert "cluster actor" in next(w for w in cluster_server.worker.workers() if w.name == lost.name).error
 
 
