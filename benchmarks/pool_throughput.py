@@ -61,8 +61,6 @@ def random_engine():
 
 
 def job_image(tiny: bool) -> bytes:
-    from PIL import Image
-
     from gpu_full_size import disc_image
 
     buf = io.BytesIO()
