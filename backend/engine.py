@@ -9,8 +9,9 @@ only when it starts the worker.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from typing import Any
 
@@ -56,6 +57,35 @@ class Engine:
         if self._device.type != "cuda":
             return None, None
         return torch.cuda.mem_get_info(self._device)
+
+    def available_memory(self) -> int | None:
+        """GPU bytes this process can still allocate (the driver's free memory plus what torch holds unused), or
+        None off the GPU."""
+        if self._device.type != "cuda":
+            return None
+        free, _total = torch.cuda.mem_get_info(self._device)
+        return free + torch.cuda.memory_reserved(self._device) - torch.cuda.memory_allocated(self._device)
+
+    def models(self) -> list[str]:
+        """The networks this engine holds (resident on the device, or visiting it per stage when offloading)."""
+        return [*self.pipeline.store.models, "image_cond_model"]
+
+    @contextlib.contextmanager
+    def lane(self, measure: bool = False) -> Iterator[Callable[[], int]]:
+        """Run the calling thread's GPU work on a CUDA stream of its own, so that two threads (one job's asset step,
+        the next job's generation) overlap on one GPU. With `measure`, the yielded function gives the peak bytes
+        allocated above the start (0 off the GPU)."""
+        if self._device.type != "cuda":
+            yield lambda: 0
+            return
+        start = torch.cuda.memory_allocated(self._device)
+        if measure:
+            torch.cuda.reset_peak_memory_stats(self._device)
+        stream = torch.cuda.Stream(self._device)
+        stream.wait_stream(torch.cuda.current_stream(self._device))
+        with torch.cuda.stream(stream):
+            yield lambda: max(0, torch.cuda.max_memory_allocated(self._device) - start)
+        stream.synchronize()
 
     def plan(self, kind: str, settings: Mapping[str, Any]) -> tuple[Stage, ...]:
         """The stages a job of `kind` with these resolved settings reports, in order."""

@@ -19,7 +19,7 @@ from .arrays import from_wire, to_wire
 from .errors import LimitExceeded, MalformedMessage, ProtocolError
 from .images import check_image
 from .limits import DEFAULT_LIMITS, Limits, Role
-from .messages import MESSAGE_TYPES, Message, Texture, binary_fields
+from .messages import MESSAGE_TYPES, Message, Texture, WorkerStatus, binary_fields
 from .version import PROTOCOL_VERSION, check_version
 
 HEADER_KEYS = {"v", "type", "body", "frames"}
@@ -189,9 +189,11 @@ def _check_sizes(sizes: list[int], limits: Limits) -> None:
 
 
 def _plain(value: Any) -> Any:
-    """Header-safe form of a field value (enums by value, Limits as a map)."""
+    """Header-safe form of a field value (enums by value, records such as Limits as maps)."""
     if isinstance(value, Enum):
         return value.value
-    if isinstance(value, Limits):
+    if isinstance(value, (Limits, WorkerStatus)):
         return value.to_dict()
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
     return value

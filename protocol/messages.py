@@ -39,6 +39,14 @@ class ModelStatus(str, Enum):
     FAILED = "failed"
 
 
+class WorkerState(str, Enum):
+    LOADING = "loading"  # starting, or loading its models
+    IDLE = "idle"
+    BUSY = "busy"
+    FAILED = "failed"  # its models failed to load: it takes no jobs (the reason is in `error`)
+    RESTARTING = "restarting"  # it died or stopped answering; a new one is on its way
+
+
 @dataclass(frozen=True)
 class Message:
     """Base of all messages. TYPE is the wire name; SENT_BY says which side may send it."""
@@ -48,13 +56,40 @@ class Message:
     TERMINAL: ClassVar[bool] = False  # ends the life of the job it names
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            hint = _hints(type(self))[f.name]
-            object.__setattr__(self, f.name, _coerce(f"{self.TYPE}.{f.name}", getattr(self, f.name), hint))
+        _check_fields(self, self.TYPE)
         self._check()
 
     def _check(self) -> None:
         """Semantic checks beyond the field types; overridden where a message has any."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker behind a server, as `info.workers` lists it (a map on the wire)."""
+
+    name: str  # e.g. "gpu1", "cpu0", "ray2"
+    host: str
+    device: str  # e.g. "cuda:0 NVIDIA H200"; before loading, what it was given
+    state: WorkerState
+    jobs: list[JobId] = field(default_factory=list)  # running there (two while one's asset step overlaps)
+    models: list[str] = field(default_factory=list)  # the networks it holds
+    restarts: Count = 0
+    pid: Count | None = None
+    error: str = ""  # why it failed or was last restarted
+
+    def __post_init__(self) -> None:
+        _check_fields(self, "worker")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name).value if f.name == "state" else getattr(self, f.name)
+                for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> WorkerStatus:
+        names = {f.name for f in fields(cls)}
+        if not isinstance(data, dict) or set(data) != names:
+            raise MalformedMessage(f"a worker must be a map with exactly the keys {sorted(names)}, got {data!r:.200}")
+        return cls(**data)
 
 
 @dataclass(frozen=True)
@@ -88,6 +123,18 @@ class Info(Message):
     limits: Limits = DEFAULT_LIMITS  # what the server accepts; the client adopts it for what it sends
     details: dict[str, Any] = field(default_factory=dict)  # free-form facts: library versions, ...
     settings: dict[str, Any] = field(default_factory=dict)  # the server's settings schema (Schema.to_wire)
+    workers: list[WorkerStatus] = field(default_factory=list)  # who runs the jobs, one entry per worker
+
+    def workers_summary(self) -> str:
+        """How many workers serve, for status lines: "2 workers (1 busy, 1 restarting)"; "" when none are listed."""
+        if not self.workers:
+            return ""
+        counts: dict[str, int] = {}
+        for worker in self.workers:
+            if worker.state != WorkerState.IDLE:
+                counts[worker.state.value] = counts.get(worker.state.value, 0) + 1
+        states = f" ({', '.join(f'{n} {state}' for state, n in counts.items())})" if counts else ""
+        return f"{len(self.workers)} worker{'s' if len(self.workers) > 1 else ''}{states}"
 
 
 class Request(Message):
@@ -258,7 +305,14 @@ def binary_fields(cls: type[Message]) -> dict[str, str]:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def _hints(cls: type[Message]) -> dict[str, Any]:
+def _check_fields(obj: Any, prefix: str) -> None:
+    """Check and normalise every field of a message or record against its annotation."""
+    for f in fields(obj):
+        hint = _hints(type(obj))[f.name]
+        object.__setattr__(obj, f.name, _coerce(f"{prefix}.{f.name}", getattr(obj, f.name), hint))
+
+
+def _hints(cls: type) -> dict[str, Any]:
     if cls not in _HINTS:
         hints = get_type_hints(cls, include_extras=True)
         _HINTS[cls] = {f.name: hints[f.name] for f in fields(cls)}
@@ -281,8 +335,8 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
         if not isinstance(value, (bytes, bytearray, memoryview)):
             raise MalformedMessage(f"{path} must be bytes, got {type(value).__name__}")
         return bytes(value)
-    if hint is Limits:
-        return value if isinstance(value, Limits) else Limits.from_dict(value)
+    if hint in (Limits, WorkerStatus):  # records: maps with exactly their fields on the wire
+        return value if isinstance(value, hint) else hint.from_dict(value)
     if isinstance(hint, type) and issubclass(hint, Enum):
         try:
             return hint(value)

@@ -64,3 +64,11 @@ def test_the_servers_settings_table_is_the_schemas_own() -> None:
     from protocol.settings_cli import markdown_table
 
     assert markdown_table() in (ROOT / "backend" / "server" / "README.md").read_text()
+
+
+def test_the_backend_venv_gets_the_cluster_extra_its_tests_need() -> None:
+    extras = _pyproject()["project"]["optional-dependencies"]
+    assert [r for r in extras["cluster"] if r.startswith("ray")], "the cluster extra is Ray"
+    setup = (ROOT / "tools" / "setup_envs.sh").read_text()
+    backend_venv_extras = re.findall(r'pip_quiet \.venv -e "\.\[([a-z,-]+)\]"', setup)
+    assert len(backend_venv_extras) == 1 and {"backend", "cluster", "test"} <= set(backend_venv_extras[0].split(","))

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Creates (or refreshes) the two virtual environments in the repo root, idempotently:
-#   .venv/          backend: Python 3.11, torch 2.13.0 (the CPU wheel where that is what pip finds, CUDA on GPU boxes)
+#   .venv/          backend: Python 3.11, torch 2.13.0 (the CPU wheel where that is what pip finds, CUDA on GPU boxes),
+#                   and Ray (the cluster extra) for the cluster tests
 #   .venv-blender/  Blender side: bpy 5.0.1 (Python 3.11) + the add-on's protocol dependencies
 #   .venv-blender-313/  the newest bpy (5.2, Python 3.13), when a Python 3.13 is available
 # A venv is reinstalled only when pyproject.toml or this script changed since it was last set up.
@@ -29,7 +30,7 @@ if needs_setup .venv; then
     echo "setup: preparing .venv (backend)"
     [ -x .venv/bin/python ] || "$PY311" -m venv .venv
     pip_quiet .venv torch==2.13.0
-    pip_quiet .venv -e ".[backend,test]"
+    pip_quiet .venv -e ".[backend,cluster,test]"
     echo "$stamp_value" > .venv/.setup-stamp
 fi
 

@@ -1,9 +1,10 @@
 """`python -m backend serve`: the ZeroMQ job server. One ROUTER socket, served by an I/O loop that never waits for
 the GPU.
 
-Threads: the I/O loop (this module, the only user of the socket), the GPU worker (worker.py) and, with CURVE, pyzmq's
-authenticator. The worker hands its messages over through a queue and wakes the loop through a socket pair, so a
-ping is answered at once even while a job runs. Every job is in the on-disk store (store.py) before its `accepted`
+Threads: the I/O loop (this module, the only user of the socket), the worker pool's supervisors (pool.py: one per
+worker, which runs on a thread here, in a process of its own or on a cluster) and, with CURVE, pyzmq's
+authenticator. The pool hands its messages over through a queue and wakes the loop through a socket pair, so a
+ping is answered at once even while jobs run. Every job is in the on-disk store (store.py) before its `accepted`
 is sent; its events go to the client that submitted it, or last fetched or cancelled it; its one terminal message is
 recorded before it is sent, so a client that went away collects it later with `fetch`, also after a restart.
 
@@ -38,7 +39,7 @@ import backend
 from backend.server.auth import SecurityError, secure_server_socket, server_keys_for
 from backend.server.requests import JobSpec
 from backend.server.store import JobStore, StoreError, Terminal
-from backend.server.worker import QueuedJob, Worker
+from backend.server.pool import PoolConfig, QueuedJob, build_pool
 from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, Accepted, Cancel, Cancelled, Error, ErrorCode, Fetch, Hello,
                       Info, InvalidSettings, Limits, Message, ModelStatus, Ping, Pong, Progress, ProtocolError,
                       Reprocess, Request, configure_socket, decode, encode, join_envelope, split_envelope)
@@ -77,6 +78,7 @@ class ServerConfig:
     store_max_age_s: float = 7 * 24 * 3600.0
     grace_s: float = 30.0  # how long a shutdown waits for the running job
     limits: Limits = DEFAULT_LIMITS  # what this server accepts (advertised in `info`)
+    pool: PoolConfig = PoolConfig()  # who runs the jobs: one embedded worker, worker processes or a cluster
 
 
 class ServerStartError(RuntimeError):
@@ -129,7 +131,12 @@ class Server:
             self.close()
             raise
         self._versions = _versions()
-        self.worker = Worker(self.store, self._load, self._emit, self.config.device or "auto")
+        try:
+            self.worker = build_pool(self.config.pool, self.store, self._emit, self._load, self.config.device)
+        except ValueError as exc:
+            self.close()
+            raise ServerStartError(str(exc)) from None
+        self._resources.callback(self.worker.close)
         self._requeue_pending()
         self.worker.start()
         log.info("listening on %s (%s); job store %s", self.endpoint,
@@ -283,7 +290,7 @@ class Server:
                    "store_bytes": self.store.total_bytes(), "curve": self.secure}
         return Info(SERVER_NAME, backend.__version__, self.model_name, self.worker.status, self.worker.device,
                     self.worker.queue_length(), free, total, list(self.worker.capabilities), self.config.limits,
-                    details, self.worker.schema.to_wire())
+                    details, self.worker.schema.to_wire(), self.worker.workers())
 
     def _submit(self, route: Route, msg: Request) -> None:
         cid = msg.client_job_id
@@ -354,7 +361,7 @@ class Server:
 
     def _announce_positions(self) -> None:
         """Tell waiting clients how many jobs are ahead of theirs now."""
-        ahead = int(self.worker.running() is not None)
+        ahead = len(self.worker.running())
         for i, job_id in enumerate(self.worker.waiting()):
             if job_id in self._routes:
                 self._send(self._routes[job_id], Progress(job_id, "queued", 0, 0, 0.0, f"{ahead + i} job(s) ahead"))
@@ -435,6 +442,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="ended jobs older than this are purged (default: %(default)s)")
     p.add_argument("--grace", type=float, default=ServerConfig.grace_s,
                    help="seconds a shutdown waits for the running job before leaving it queued (default: %(default)s)")
+    workers = p.add_argument_group("workers", "who runs the jobs (default: one worker inside the server process)")
+    workers.add_argument("--gpus", metavar="all|0,1,...", help="a worker process per GPU: `all`, or GPU indices")
+    workers.add_argument("--workers", type=int, metavar="N", help="N worker processes on the one --device (or N "
+                         "cluster actors with --cluster)")
+    workers.add_argument("--cluster", nargs="?", const="local", metavar="ADDRESS", help="workers on a Ray cluster: "
+                         "HEAD:6379 joins one started with `ray start`; no ADDRESS starts a private one on loopback "
+                         "(needs the cluster extra)")
+    workers.add_argument("--overlap", action="store_true", help="start a job's generation while the previous job's "
+                         "asset step runs on the same GPU, when its free memory allows")
+    workers.add_argument("--hang-timeout", type=float, default=PoolConfig.hang_timeout_s, help="seconds without a "
+                         "heartbeat before a worker process is killed and restarted (default: %(default)s)")
+    workers.add_argument("--step-timeout", type=float, default=PoolConfig.step_timeout_s, help="seconds a job may "
+                         "go without progress before its worker is killed and restarted (default: %(default)s)")
     p.set_defaults(run=serve_command)
 
 
@@ -444,7 +464,9 @@ def serve_command(args: argparse.Namespace, build_asset: AssetBuilder | None = N
     config = ServerConfig(bind=args.bind, weights=args.weights, device=args.device, memory=args.memory,
                           store=args.store, keys=args.keys, max_queue=args.max_queue,
                           store_max_bytes=int(args.store_max_gb * GiB), store_max_age_s=args.store_max_days * 86400,
-                          grace_s=args.grace)
+                          grace_s=args.grace,
+                          pool=PoolConfig(args.gpus, args.workers, args.cluster, args.overlap, args.hang_timeout,
+                                          args.step_timeout))
     server = Server(config, partial(_load_engine, args.weights, args.device, args.memory, build_asset))
     try:
         server.start()

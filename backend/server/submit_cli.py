@@ -70,7 +70,10 @@ def submit_command(args: argparse.Namespace) -> int:
                                  else f"{args.fetch or args.reprocess}.glb")
     try:
         with Client(args.server, client_name="backend-submit", **curve) as client:
-            client.hello()
+            info = client.hello()
+            if info.workers:
+                print(f"server: {info.workers_summary()}, {info.queue_length} job(s) queued or running",
+                      file=sys.stderr)
             final = (_fetch(client, args.fetch, args.timeout) if request is None
                      else _run(client, request, args.timeout, args.server))
     except BackendUnreachable as exc:

@@ -1,46 +1,138 @@
-"""The one GPU worker: loads the engine once in the background, then runs queued jobs one at a time.
+"""A worker: loads the engine once, runs the jobs it is given and reports everything as events.
 
-A generate job makes the O-Voxel (engine.generate), stores it, then builds the textured mesh (engine.build_asset); a
-reprocess job takes a stored O-Voxel and only builds. The worker never talks to sockets: it hands messages
-(progress and each job's single terminal message, already recorded in the store) to `emit`, which the server's I/O
-thread delivers. Cancellation and shutdown are flags checked by the progress callback between steps. It knows jobs,
-not models: the engine (backend/engine.py, imported only when the worker loads it) plans each job's stages and
-raises `backend.errors.JobFailure` for anything a user can act on.
+The same class runs wherever a worker lives: on a thread of the server process (the default `serve`), in a worker
+process of its own (`--gpus`, `--workers`, worker_process.py) or in a cluster actor (`--cluster`, cluster.py). It
+never touches sockets or the job store: it gets a `JobOrder` (the job's spec and inputs) and hands its `outbox` the
+events the pool (pool.py) turns into store writes and client messages: `Loaded` / `LoadFailed` once, a `Heartbeat`
+every second, `Ready` whenever it can start one more job, protocol `Progress` messages, `Generated` (the O-Voxel, to
+store) and one `Finished` per job. Every event is plain picklable data, so it crosses a pipe or a cluster's object
+store unchanged.
+
+A job's generation runs on the generation lane; its asset step on the asset lane, which with `overlap` is a thread of
+its own: while one job's asset step runs, the next job's generation may start when the GPU's free memory covers both
+steps' measured peaks (measured while each ran alone). Without `overlap` both lanes are one thread and jobs run one
+at a time. Cancellation and interruption are flags checked by the progress callback between steps. It knows jobs,
+not models: the engine (backend/engine.py, imported only by the loader) plans each job's stages and raises
+`backend.errors.JobFailure` for anything a user can act on.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import socket
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from backend.errors import JobFailure
+from backend.errors import JobFailure, OutOfMemory
+from backend.ovoxel.ovoxel import OVoxel
 from backend.progress import StageFraction, StopRequested
 from backend.server.requests import JobSpec, spec_metadata
 from backend.server.results import result_message
-from backend.server.store import JobStore, MissingOVoxel, Terminal
-from protocol import Cancelled, Error, ErrorCode, InvalidSettings, Message, ModelStatus, Progress, Schema
-from protocol.settings import GENERATE, REPROCESS, SETTINGS
+from backend.server.store import MissingOVoxel, Terminal
+from protocol import Cancelled, Error, ErrorCode, InvalidSettings, Progress, Schema
+from protocol.settings import GENERATE, REPROCESS
 
 if TYPE_CHECKING:
     from backend.engine import Engine
 
 log = logging.getLogger(__name__)
 
-IDLE_REFRESH_S = 2.0  # how often an idle worker refreshes the GPU memory figures for `info`
-BUSY_REFRESH_S = 1.0
+HEARTBEAT_S = 1.0  # how often a worker reports that it is alive, with fresh GPU memory figures
 PROGRESS_INTERVAL_S = 0.1  # at most this often per job, except at stage changes and stage ends
 MAX_ERROR_TEXT = 2000  # exception texts can embed whole tensors; keep error messages readable
+OVERLAP_MARGIN = 1.15  # free memory must exceed the two steps' measured peaks by this factor to overlap them
+
+Loader = Callable[[], "Engine"]
 
 
-@dataclass
-class QueuedJob:
+# -- what a worker is given and what it reports ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class JobOrder:
+    """A job as a worker gets it: its spec and its inputs, read from the store by the pool."""
+
     job_id: str
     spec: JobSpec
-    cancel: threading.Event = field(default_factory=threading.Event)
+    image: bytes | None = None  # generate
+    ovoxel: OVoxel | None = None  # reprocess: the source job's O-Voxel
+
+
+@dataclass(frozen=True)
+class WorkerFacts:
+    """What a loaded worker says about itself, for `info` and each result's metadata."""
+
+    name: str
+    host: str
+    pid: int
+    device: str
+    models: tuple[str, ...]
+    capabilities: tuple[str, ...]
+    versions: dict[str, str | None]
+    schema: Schema
+
+
+@dataclass(frozen=True)
+class Loaded:
+    facts: WorkerFacts
+
+
+@dataclass(frozen=True)
+class LoadFailed:
+    error: str
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    gpu_memory: tuple[int | None, int | None]
+
+
+@dataclass(frozen=True)
+class Ready:
+    """The worker can start one more job now; it offers itself once until it is given one."""
+
+
+@dataclass(frozen=True)
+class Generated:
+    job_id: str
+    ovoxel: OVoxel
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A job's end: its terminal message, or None when it was interrupted by shutdown (it stays queued)."""
+
+    job_id: str
+    outcome: Terminal | None
+    seconds: float
+
+
+Event = Loaded | LoadFailed | Heartbeat | Ready | Progress | Generated | Finished
+
+
+class WorkerLost(Exception):
+    """A worker is gone (its process exited, its cluster actor died); the text says how."""
+
+
+class EventQueue:
+    """A worker's outbox where its reader is in the same process (the embedded worker, a cluster actor)."""
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Event] = queue.SimpleQueue()
+        self.put = self._queue.put
+
+    def drain(self, timeout: float) -> list[Event]:
+        """Every event there is, waiting up to `timeout` for the first."""
+        try:
+            events = [self._queue.get(timeout=timeout)]
+        except queue.Empty:
+            return []
+        while not self._queue.empty():
+            events.append(self._queue.get_nowait())
+        return events
 
 
 class JobProgress:
@@ -75,214 +167,255 @@ class JobProgress:
             self._stage = ""
 
 
-class Worker:
-    """One thread owning the engine and a FIFO of jobs. Thread-safe calls from the server's I/O thread:
-    submit, cancel, queue_length, waiting, running, stop, interrupt, schema. The server bounds the queue."""
+@dataclass
+class _Job:
+    """A job inside the worker, from its order to its end."""
 
-    def __init__(self, store: JobStore, load: Callable[[], Engine], emit: Callable[[Message], None],
-                 device_hint: str = "auto") -> None:
-        self.store, self._load, self._emit = store, load, emit
-        self.status = ModelStatus.NOT_LOADED
-        self.load_error = ""
-        self.device = device_hint
-        self.gpu_memory: tuple[int | None, int | None] = (None, None)
+    order: JobOrder
+    started: float = field(default_factory=time.monotonic)
+    cancel: threading.Event = field(default_factory=threading.Event)
+    settings: dict[str, Any] = field(default_factory=dict)
+    meter: JobProgress | None = None
+    ovoxel: OVoxel | None = None
+    overlapped: bool = False  # its generation started while another job's asset step ran
+
+    @property
+    def job_id(self) -> str:
+        return self.order.job_id
+
+
+class EngineWorker:
+    """Owns one engine and at most two jobs (one per lane). `run`, `cancel`, `interrupt` and `close` are
+    thread-safe; `run` is called only after the worker offered itself with `Ready`."""
+
+    def __init__(self, name: str, load: Loader, outbox: Callable[[Event], None], overlap: bool = False) -> None:
+        self.name = name
+        self._load, self._outbox, self._overlap = load, outbox, overlap
         self._engine: Engine | None = None
-        self._cond = threading.Condition()
-        self._queue: deque[QueuedJob] = deque()
-        self._running: QueuedJob | None = None
-        self._stopping = False
+        self._facts: WorkerFacts | None = None
+        self._lock = threading.Lock()
+        self._jobs: dict[str, _Job] = {}
+        self._generating: _Job | None = None  # on the generation lane
+        self._building: _Job | None = None  # on the asset lane (overlap only)
+        self._offered = False
         self._interrupt = threading.Event()
-        self._thread = threading.Thread(target=self._main, name="gpu-worker", daemon=True)
-        self._memory_checked = 0.0
-
-    # -- called from the I/O thread ---------------------------------------------------------------
-
-    @property
-    def schema(self) -> Schema:
-        """The settings schema jobs are checked against: the engine's (its checkpoint's defaults) once loaded."""
-        engine = self._engine
-        return engine.schema if engine is not None else SETTINGS
-
-    @property
-    def capabilities(self) -> tuple[str, ...]:
-        engine = self._engine
-        return engine.capabilities if engine is not None else ()
-
-    @property
-    def versions(self) -> dict[str, str | None]:
-        """The engine's library versions (torch, CUDA) for `info`, once loaded."""
-        engine = self._engine
-        return engine.versions() if engine is not None else {}
+        self._closed = threading.Event()
+        self._orders: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._builds: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._peaks = {"generate": 0, "build": 0}  # bytes above the start, measured while the step ran alone
+        self._threads = [threading.Thread(target=self._generation_lane, name="worker-generate", daemon=True),
+                         threading.Thread(target=self._heartbeat, name="worker-heartbeat", daemon=True)]
+        if overlap:
+            self._threads.append(threading.Thread(target=self._asset_lane, name="worker-asset", daemon=True))
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
-    def submit(self, job: QueuedJob) -> int:
-        """Queue `job`; returns its queue position (0: it runs now)."""
-        with self._cond:
-            self._queue.append(job)
-            self._cond.notify()
-            return len(self._queue) - (0 if self._running is not None else 1)
+    def run(self, order: JobOrder) -> None:
+        job = _Job(order)
+        with self._lock:
+            self._offered = False
+            self._jobs[job.job_id] = job
+        self._orders.put(job)
 
-    def cancel(self, job_id: str) -> str | None:
-        """Where the job was: "queued" (removed, it never runs; the caller ends it), "running" (it stops at its
-        next step), or None (the worker does not hold it)."""
-        with self._cond:
-            for job in self._queue:
-                if job.job_id == job_id:
-                    self._queue.remove(job)
-                    return "queued"
-            if self._running is not None and self._running.job_id == job_id:
-                self._running.cancel.set()
-                return "running"
-        return None
-
-    def queue_length(self) -> int:
-        with self._cond:
-            return len(self._queue) + (self._running is not None)
-
-    def waiting(self) -> list[str]:
-        with self._cond:
-            return [job.job_id for job in self._queue]
-
-    def running(self) -> str | None:
-        with self._cond:
-            return self._running.job_id if self._running else None
-
-    def stop(self) -> None:
-        """Take no further job; the running one goes on (see `interrupt`). Queued jobs stay queued on disk."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
+    def cancel(self, job_id: str) -> None:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is not None:
+            job.cancel.set()
 
     def interrupt(self) -> None:
-        """Stop the running job at its next step and leave it queued on disk, to run again after a restart."""
-        self.stop()
+        """Stop the running jobs at their next step; they end with no outcome (they stay queued on disk)."""
         self._interrupt.set()
 
-    def is_alive(self) -> bool:
-        return self._thread.is_alive()
+    def close(self, timeout: float | None = None) -> None:
+        self._closed.set()
+        self._orders.put(None)
+        self._builds.put(None)
+        for thread in self._threads:
+            thread.join(timeout)
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
+    # -- lanes ------------------------------------------------------------------------------------
 
-    # -- the worker thread ------------------------------------------------------------------------
+    def _generation_lane(self) -> None:
+        if not self._load_engine():
+            return
+        self._offer()
+        while (job := self._orders.get()) is not None:
+            self._generate(job)
+            if job.ovoxel is None:  # it ended in generation
+                self._offer()
+            elif self._overlap:
+                self._builds.put(job)
+            else:
+                self._build(job)
+                self._offer()
 
-    def _main(self) -> None:
-        self._load_engine()
-        while (job := self._take()) is not None:
-            try:
-                self._execute(job)
-            finally:
-                with self._cond:
-                    self._running = None
+    def _asset_lane(self) -> None:
+        while (job := self._builds.get()) is not None:
+            with self._lock:
+                self._building = job
+                self._generating = None if self._generating is job else self._generating
+            self._offer()  # the generation lane is free: the next job may start, if memory allows
+            self._build(job)
+            with self._lock:
+                self._building = None
+            self._offer()
 
-    def _load_engine(self) -> None:
-        self.status = ModelStatus.LOADING
+    def _load_engine(self) -> bool:
         started = time.monotonic()
         log.info("loading models")
         try:
-            self._engine = self._load()
+            self._engine = engine = self._load()
+            self._facts = facts = WorkerFacts(self.name, socket.gethostname(), os.getpid(), engine.device,
+                                              tuple(engine.models()), tuple(engine.capabilities), engine.versions(),
+                                              engine.schema)
         except Exception as exc:
-            self.load_error = f"{type(exc).__name__}: {exc}"
-            self.status = ModelStatus.FAILED
-            log.exception("loading the models failed; jobs will be refused")
-            return
-        self.device = self._engine.device
-        self._refresh_memory(force=True)
-        self.status = ModelStatus.READY
-        log.info("models ready on %s in %.1fs", self.device, time.monotonic() - started)
+            log.exception("loading the models failed; this worker takes no jobs")
+            self._outbox(LoadFailed(f"{type(exc).__name__}: {exc}"))
+            return False
+        log.info("models ready on %s in %.1fs", facts.device, time.monotonic() - started)
+        self._outbox(Loaded(facts))
+        return True
 
-    def _take(self) -> QueuedJob | None:
-        while True:
-            with self._cond:
-                if self._stopping:
-                    return None
-                if self._queue:
-                    self._running = self._queue.popleft()
-                    return self._running
-                self._cond.wait(IDLE_REFRESH_S)
-            self._refresh_memory()
+    def _heartbeat(self) -> None:
+        while not self._closed.wait(HEARTBEAT_S):
+            engine = self._engine
+            try:
+                memory = engine.memory() if engine is not None else (None, None)
+            except Exception:  # a sick driver must not stop the heartbeat; `info` then shows no figures
+                memory = (None, None)
+            self._outbox(Heartbeat(memory))
 
-    def _refresh_memory(self, force: bool = False) -> None:
-        """Refreshed here, on the worker thread, so `info` never waits for the GPU."""
-        now = time.monotonic()
-        if self._engine is None or (not force and now - self._memory_checked < BUSY_REFRESH_S):
-            return
-        self._memory_checked = now
+    def _offer(self) -> None:
+        """Offer `Ready` once the generation lane is free and, while an asset step runs, memory allows."""
+        with self._lock:
+            if self._offered or self._closed.is_set() or self._interrupt.is_set() or self._generating is not None:
+                return
+            if self._building is not None and not self._memory_allows_overlap():
+                return
+            self._offered = True
+        self._outbox(Ready())
+
+    def _memory_allows_overlap(self) -> bool:
+        engine = self._engine
+        available = engine.available_memory() if engine is not None else None
+        return overlap_fits(available, self._peaks["generate"], self._peaks["build"])
+
+    # -- one job ----------------------------------------------------------------------------------
+
+    def _generate(self, job: _Job) -> None:
+        """Plan the job and, for a generate job, make its O-Voxel; on failure the job ends here."""
+        with self._lock:
+            self._generating = job
+            job.overlapped = self._building is not None
+        engine, spec = self._engine, job.order.spec
+        log.info("job %s (%s) started%s", job.job_id, spec.kind, " beside another job's asset step"
+                 if job.overlapped else "")
         try:
-            self.gpu_memory = self._engine.memory()
-        except Exception:  # a sick driver must not kill the worker; `info` then shows no figures
-            self.gpu_memory = (None, None)
-
-    def _execute(self, job: QueuedJob) -> None:
-        started = time.monotonic()
-        spec, engine = job.spec, self._engine
-        log.info("job %s (%s) started", job.job_id, spec.kind)
-        meter: JobProgress | None = None
-        try:
-            if engine is None:
-                raise _ModelNotReady(self.load_error)
-            settings = engine.schema.resolve(spec.kind, spec.settings)
-            meter = JobProgress(job.job_id, StageFraction(engine.plan(spec.kind, settings)))
-
-            def progress(stage: str, step: int, total: int) -> None:
-                if job.cancel.is_set() or self._interrupt.is_set():
-                    raise StopRequested(f"job {job.job_id} stopped")
-                self._refresh_memory()
-                message = meter.update(stage, step, total)
-                if message is not None:
-                    self._emit(message)
-
+            job.settings = engine.schema.resolve(spec.kind, spec.settings)
+            job.meter = JobProgress(job.job_id, StageFraction(engine.plan(spec.kind, job.settings)))
             if spec.kind == REPROCESS:
-                self.store.share_ovoxel(spec.source_job_id, job.job_id)
-                ovoxel = self.store.load_ovoxel(job.job_id)
+                if job.order.ovoxel is None:
+                    raise MissingOVoxel(f"job {spec.source_job_id} has no stored O-Voxel any more (it was purged)")
+                job.ovoxel = job.order.ovoxel
             elif spec.kind == GENERATE:
-                ovoxel = engine.generate(self.store.image(job.job_id), settings, progress)
-                self.store.save_ovoxel(job.job_id, ovoxel)
+                job.ovoxel = self._generate_once(job)
+                self._outbox(Generated(job.job_id, job.ovoxel))
             else:
                 raise JobFailure(f"this server cannot run {spec.kind} jobs", "update the backend")
-            mesh = engine.build_asset(ovoxel, settings, progress)
-            meter.close_stage()
-            meta = {**spec_metadata(spec, settings), "ovoxel": ovoxel.metadata,
-                    "timings": {**meter.timings, "total": time.monotonic() - started},
-                    "vertex_count": int(len(mesh.positions)), "face_count": int(len(mesh.indices))}
-            outcome: Terminal = result_message(job.job_id, mesh, meta)
         except Exception as exc:
-            if meter is not None:
-                meter.close_stage()
+            job.ovoxel = None
+            self._end(job, exc)
+        finally:
+            with self._lock:
+                if job.ovoxel is None or not self._overlap:
+                    self._generating = None
+
+    def _generate_once(self, job: _Job) -> OVoxel:
+        """Generate; a generation that ran out of memory beside another job's asset step runs again alone."""
+        engine = self._engine
+        alone = not job.overlapped
+        try:
+            with engine.lane(measure=alone) as peak:
+                ovoxel = engine.generate(job.order.image, job.settings, self._progress(job))
+            if alone:
+                self._peaks["generate"] = max(self._peaks["generate"], peak())
+            return ovoxel
+        except OutOfMemory:
+            if not job.overlapped:
+                raise
+        log.warning("job %s ran out of memory beside another job's asset step; running it again alone", job.job_id)
+        self._peaks["generate"] = 0  # overlap again only after a fresh measurement
+        while self._building_other(job):
+            if job.cancel.is_set() or self._interrupt.is_set():
+                raise StopRequested(f"job {job.job_id} stopped")
+            time.sleep(0.05)
+        job.overlapped = False
+        return self._generate_once(job)
+
+    def _building_other(self, job: _Job) -> bool:
+        with self._lock:
+            return self._building is not None and self._building is not job
+
+    def _build(self, job: _Job) -> None:
+        engine = self._engine
+        try:
+            with self._lock:
+                alone = self._generating is None or self._generating is job
+            with engine.lane(measure=alone) as peak:
+                mesh = engine.build_asset(job.ovoxel, job.settings, self._progress(job))
+            if alone:
+                self._peaks["build"] = max(self._peaks["build"], peak())
+            job.meter.close_stage()
+            meta = {**spec_metadata(job.order.spec, job.settings), "ovoxel": job.ovoxel.metadata,
+                    "timings": {**job.meter.timings, "total": time.monotonic() - job.started},
+                    "worker": {"name": self.name, "host": self._facts.host, "pid": self._facts.pid,
+                               "device": self._facts.device},
+                    "vertex_count": int(len(mesh.positions)), "face_count": int(len(mesh.indices))}
+            self._end(job, None, result_message(job.job_id, mesh, meta))
+        except Exception as exc:
+            self._end(job, exc)
+
+    def _progress(self, job: _Job) -> Callable[[str, int, int], None]:
+        def progress(stage: str, step: int, total: int) -> None:
+            if job.cancel.is_set() or self._interrupt.is_set():
+                raise StopRequested(f"job {job.job_id} stopped")
+            message = job.meter.update(stage, step, total)
+            if message is not None:
+                self._outbox(message)
+
+        return progress
+
+    def _end(self, job: _Job, exc: Exception | None, result: Terminal | None = None) -> None:
+        if job.meter is not None:
+            job.meter.close_stage()
+        seconds = time.monotonic() - job.started
+        outcome: Terminal | None = result
+        if exc is not None:
             if job.cancel.is_set():
                 outcome = Cancelled(job.job_id)
             elif self._interrupt.is_set():
                 log.info("job %s interrupted by shutdown after %.2fs; it stays queued and runs after a restart",
-                         job.job_id, time.monotonic() - started)
-                return
+                         job.job_id, seconds)
+                outcome = None
             else:
                 outcome = failure_error(job.job_id, exc)
                 if outcome.code == ErrorCode.INTERNAL_ERROR:
-                    log.exception("job %s failed unexpectedly", job.job_id)
-        self._finish(outcome, time.monotonic() - started)
-
-    def _finish(self, outcome: Terminal, seconds: float) -> None:
-        """Record the outcome, then hand it over; if even recording fails, the client still hears why."""
-        try:
-            first = self.store.finish(outcome.job_id, outcome)
-        except Exception as exc:
-            log.exception("job %s: storing its outcome failed", outcome.job_id)
-            outcome = Error(ErrorCode.INTERNAL_ERROR, f"the server could not store the job's outcome: {exc}",
-                            "free disk space in the server's --store folder, then submit again", outcome.job_id)
-            first = True
-        if not first:
-            return
-        if isinstance(outcome, Error):
-            log.info("job %s error %s after %.2fs: %s", outcome.job_id, outcome.code.value, seconds, outcome.message)
-        else:
-            log.info("job %s %s after %.2fs", outcome.job_id, outcome.TYPE, seconds)
-        self._emit(outcome)
+                    log.error("job %s failed unexpectedly", job.job_id, exc_info=exc)
+        with self._lock:
+            self._jobs.pop(job.job_id, None)
+        self._outbox(Finished(job.job_id, outcome, seconds))
 
 
-class _ModelNotReady(Exception):
-    pass
+def overlap_fits(available: int | None, generate_peak: int, build_peak: int) -> bool:
+    """Whether a generation may start beside an asset step: off the GPU (`available` None) always; on it, once both
+    steps' peaks have been measured alone, when the memory this process can still allocate covers both with a
+    margin (the asset step may not have reached its own peak yet)."""
+    if available is None:
+        return True
+    return generate_peak > 0 and build_peak > 0 and available >= OVERLAP_MARGIN * (generate_peak + build_peak)
 
 
 def failure_error(job_id: str, exc: BaseException) -> Error:
@@ -291,9 +424,6 @@ def failure_error(job_id: str, exc: BaseException) -> Error:
         return Error(ErrorCode(exc.code), _text(exc.message), exc.hint, job_id)
     if isinstance(exc, InvalidSettings):  # settings a restarted server's checkpoint no longer accepts
         return Error.from_exception(exc, job_id=job_id)
-    if isinstance(exc, _ModelNotReady):
-        return Error(ErrorCode.MODEL_NOT_READY, _text(f"the models failed to load: {exc}"),
-                     "fix the cause in the server log and restart the server", job_id)
     if isinstance(exc, MissingOVoxel):
         return Error(ErrorCode.UNKNOWN_JOB, str(exc), "generate it again", job_id)
     if isinstance(exc, MemoryError):
@@ -305,4 +435,3 @@ def failure_error(job_id: str, exc: BaseException) -> Error:
 
 def _text(message: str) -> str:
     return message if len(message) <= MAX_ERROR_TEXT else message[:MAX_ERROR_TEXT] + " ..."
-

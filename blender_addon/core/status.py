@@ -29,7 +29,9 @@ class BackendStatus:
         if info.gpu_memory_total:
             gpu = f", {info.gpu_memory_free / 2**30:.1f}/{info.gpu_memory_total / 2**30:.1f} GiB free"
         queue = f", {info.queue_length} job(s)" if info.queue_length else ""
-        return cls("connected", f"model {info.model_status.value.replace('_', ' ')} · {info.device}{gpu}{queue}", info)
+        workers = f" · {info.workers_summary()}" if info.workers else ""
+        return cls("connected", f"model {info.model_status.value.replace('_', ' ')} · {info.device}{gpu}{queue}"
+                                f"{workers}", info)
 
 
 NOT_STARTED = BackendStatus("not_started", "local backend not running")

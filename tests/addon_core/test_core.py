@@ -234,3 +234,13 @@ def test_a_fetch_job_collects_a_stored_result_on_the_calling_thread(server) -> N
     job.run_here()
     assert job.state == "done" and job.job_id == "job-7" and job.mesh.face_count == 18
     assert any(isinstance(m, wire.Fetch) and m.job_id == "job-7" for m in fake.received)
+
+
+def test_the_status_line_shows_the_queue_and_how_many_workers_serve():
+    from blender_addon.core.status import BackendStatus
+
+    workers = [wire.WorkerStatus("gpu0", "box", "cuda", wire.WorkerState.BUSY, ["job-1"]),
+               wire.WorkerStatus("gpu1", "box", "cuda", wire.WorkerState.IDLE)]
+    info = wire.Info("s", "1", "m", wire.ModelStatus.READY, "2 workers: cuda", 3, workers=workers)
+    text = BackendStatus.from_info(info).text
+    assert "3 job(s)" in text and "2 workers (1 busy)" in text

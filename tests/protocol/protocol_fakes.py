@@ -13,7 +13,7 @@ import zmq
 
 from protocol import (DEFAULT_LIMITS, Accepted, Cancel, Cancelled, Error, ErrorCode, Fetch, Hello, Info, Limits,
                       Message, ModelStatus, Ping, Pong, ProtocolError, Progress, Result, Generate, Reprocess, SETTINGS, Texture, configure_socket,
-                      decode, encode, join_envelope, split_envelope)
+                      WorkerState, WorkerStatus, decode, encode, join_envelope, split_envelope)
 
 
 def png_bytes(width: int = 8, height: int = 6, channels: int = 4) -> bytes:
@@ -36,7 +36,11 @@ def sample_messages() -> list[Message]:
         Info("trellis2-backend", "0.1.0", "microsoft/TRELLIS.2-4B", ModelStatus.READY, "cuda:0 NVIDIA H100", 3,
              gpu_memory_free=40 << 30, gpu_memory_total=80 << 30, capabilities=["texture", "cancel"],
              limits=Limits(max_image_bytes=1 << 20), details={"torch": "2.13", "cuda": [12, 8]},
-             settings=SETTINGS.to_wire()),
+             settings=SETTINGS.to_wire(),
+             workers=[WorkerStatus("gpu0", "box-1", "cuda:0 NVIDIA H100", WorkerState.BUSY, ["job-1", "job-2"],
+                                   ["sparse_structure_flow_model"], 0, 4242),
+                      WorkerStatus("ray3", "box-2", "cuda", WorkerState.RESTARTING, restarts=2,
+                                   error="was killed by SIGKILL")]),
         Info("b", "0", "m", ModelStatus.LOADING, "cpu", 0),
         Generate(png_bytes(), {"seed": 42, "steps": 12, "cfg": 7.5, "name": "chair", "flags": [True, None],
                              "sub": {"deep": {"x": -1}}}, "client-1"),

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 import protocol
-from protocol import (ALLOWED_DTYPES, MESSAGE_TYPES, PROTOCOL_VERSION, Error, ErrorCode, Info, InvalidArray,
+from protocol import (WorkerState, WorkerStatus, ALLOWED_DTYPES, MESSAGE_TYPES, PROTOCOL_VERSION, Error, ErrorCode, Info, InvalidArray,
                       InvalidImage, LimitExceeded, Limits, MalformedMessage, ModelStatus, Progress, ProtocolError,
                       RemoteError, Result, Generate, configure_socket, decode, encode, join_envelope,
                       split_envelope)
@@ -110,6 +110,9 @@ def test_settings_are_normalised_and_validated():
     lambda: Progress("j" * 129, "s", 1, 2, 0.5),
     lambda: Info("s", "1", "m", "sleeping", "cpu", 0),
     lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", -1),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[{"name": "w0"}]),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[WorkerStatus("w", "h", "cpu", "asleep")]),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[WorkerStatus("w", "h", "cpu", "idle", ["../x"])]),
     lambda: Error("no_such_code", "m"),
     lambda: Generate("not bytes"),
     lambda: Result("j", mesh={"bad name!": np.zeros(1)}),
@@ -190,3 +193,13 @@ def test_package_imports_only_msgpack_pyzmq_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(protocol.__file__).parents[1]).stdout
     assert ast.literal_eval(out) == ["protocol"]
+
+
+def test_info_sums_up_its_workers_for_status_lines():
+    busy = WorkerStatus("gpu0", "h", "cuda", WorkerState.BUSY, ["j"])
+    idle = WorkerStatus("gpu1", "h", "cuda", WorkerState.IDLE)
+    lost = WorkerStatus("gpu2", "h", "cuda", WorkerState.RESTARTING)
+    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[busy, idle, lost]).workers_summary() == \
+        "3 workers (1 busy, 1 restarting)"
+    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[idle]).workers_summary() == "1 worker"
+    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0).workers_summary() == ""

@@ -109,7 +109,7 @@ def test_cancel_queued_at_once_and_running_at_next_step(server, controls):
         assert queued_events[0] == Accepted(queued, 1, queued_events[0].client_job_id)
         assert queued_events[-1] == Cancelled(queued) and server.store.get(queued).state == "cancelled"
         assert {m.stage for m in queued_events if isinstance(m, Progress)} <= {"queued"}, "it must never run"
-        assert server.worker.running() == running
+        assert server.worker.running() == [running]
 
         client.cancel(running)
         assert last(client.events(running, timeout=10)) == Cancelled(running)
@@ -130,7 +130,7 @@ def test_pings_are_answered_mid_step_and_cancel_stops_generation_between_steps(s
                 assert pinger.recv(timeout=5) == Pong(seq)
         finally:
             pinger.close()
-        assert server.worker.running() == job_id, "the pongs came while the job was running"
+        assert server.worker.running() == [job_id], "the pongs came while the job was running"
         client.cancel(job_id)
         events = list(client.events(job_id, timeout=30))
     assert events[-1] == Cancelled(job_id)

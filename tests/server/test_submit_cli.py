@@ -29,6 +29,7 @@ def test_submit_writes_a_glb_and_fetch_gets_it_again(server, tmp_path, capsys):
     out = capsys.readouterr()
     job_id = re.search(r"job ([0-9a-f]{32})", out.err).group(1)
     assert "sparse_structure" in out.err and "bake" in out.err and "wrote" in out.out
+    assert "server: 1 worker" in out.err, "submit says how many workers serve"
     mesh = read_glb(tmp_path / "chair.glb")
     assert len(mesh.indices) > 0 and mesh.base_color.shape == (256, 256, 4)
     assert server.store.get(job_id).settings["seed"] == 3
