@@ -24,8 +24,11 @@ from torch import nn
 from backend.errors import JobFailure, OutOfMemory, UnsupportedSetting
 from backend.ovoxel.ovoxel import OVoxel
 from backend.progress import ProgressCallback, Stage, ignore_progress
-from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
+from backend.trellis2.checkpoint import CheckpointError, load_pipeline_models, read_pipeline_config
 from backend.trellis2.cuda_graphs import drop_graphs
+from backend.trellis2.pipeline_types import (ALWAYS_LOADED, CONDITION, DECODE, PIPELINE_TYPES, PREPROCESS, SHAPE,
+                                             SHAPE_HR, SHAPE_LR, SPARSE_STRUCTURE, TEXTURE, UPSAMPLE, Grids,
+                                             PipelineType)
 from backend.trellis2.sampler import SamplerParams
 from backend.trellis2.stages import (
     Normalization,
@@ -45,45 +48,6 @@ log = logging.getLogger(__name__)
 # 7.6 GiB in 1536_cascade; the rest is margin for the allocator's fragmentation.
 GPU_HEADROOM_BYTES = 12 * 2**30
 
-# The stages a generation reports, with their share of a typical job's time (measured on the GPU, 1024_cascade).
-PREPROCESS = Stage("preprocess", 1.0)
-CONDITION = Stage("condition", 1.0)
-SPARSE_STRUCTURE = Stage("sparse_structure", 9.0)
-SHAPE = Stage("shape", 20.0)  # the one shape flow of a non-cascade type
-SHAPE_LR = Stage("shape_lr", 10.0)
-UPSAMPLE = Stage("upsample", 1.0)
-SHAPE_HR = Stage("shape_hr", 40.0)
-TEXTURE = Stage("texture", 22.0)
-DECODE = Stage("decode", 10.0)
-
-
-@dataclass(frozen=True)
-class PipelineType:
-    """Which flows a pipeline type chains. Grid sizes come from the flows' own `resolution` (latent grid: 32 for the
-    512 flows, 64 for the 1024 ones), so a tiny test checkpoint with smaller grids runs the same code paths:
-    the structure is read at the first shape flow's grid, the asset resolution is the last shape flow's grid × 16
-    (× `upscale` for the 1536 cascade), and conditioning for the HR shape and texture stages is at `cond_resolution`.
-    """
-
-    shape_models: tuple[str, ...]  # one flow, or (LR flow, HR flow) for a cascade
-    tex_model: str
-    cond_resolution: int
-    upscale: float = 1.0
-
-    @property
-    def stages(self) -> tuple[Stage, ...]:
-        shape = (SHAPE,) if len(self.shape_models) == 1 else (SHAPE_LR, UPSAMPLE, SHAPE_HR)
-        return (PREPROCESS, CONDITION, SPARSE_STRUCTURE, *shape, TEXTURE, DECODE)
-
-
-PIPELINE_TYPES = {
-    "512": PipelineType(("shape_slat_flow_model_512",), "tex_slat_flow_model_512", 512),
-    "1024": PipelineType(("shape_slat_flow_model_1024",), "tex_slat_flow_model_1024", 1024),
-    "1024_cascade": PipelineType(("shape_slat_flow_model_512", "shape_slat_flow_model_1024"),
-                                 "tex_slat_flow_model_1024", 1024),
-    "1536_cascade": PipelineType(("shape_slat_flow_model_512", "shape_slat_flow_model_1024"),
-                                 "tex_slat_flow_model_1024", 1024, upscale=1.5),
-}
 # pipeline.json's sampler entry for each stage whose sampler settings the schema names.
 STAGE_SAMPLERS = {
     "sparse_structure": "sparse_structure_sampler",
@@ -125,6 +89,17 @@ def checkpoint_sampler_defaults(args: Mapping[str, Any], stage_samplers: Mapping
         defaults[sampler_setting_name(stage, "guidance_interval_start")] = params.guidance_interval[0]
         defaults[sampler_setting_name(stage, "guidance_interval_end")] = params.guidance_interval[1]
     return defaults
+
+
+def check_grids(models: Mapping[str, nn.Module], stems: Mapping[str, str], grids: Grids) -> None:
+    """Refuse flows whose checkpoint declares another grid than the reference's table: the pipeline would run at
+    the table's size while the flow was trained for another."""
+    for name, model in models.items():
+        expected = grids.declared(name)
+        if expected is not None and getattr(model, "resolution", expected) != expected:
+            raise CheckpointError(f"{stems[name]}.json declares resolution {model.resolution}, but TRELLIS.2 runs "
+                                  f"{name} on a {expected}^3 latent grid; the checkpoint does not match the "
+                                  "reference pipeline (use the official microsoft/TRELLIS.2-4B files)")
 
 
 class ModelStore:
@@ -225,6 +200,7 @@ class Trellis2Pipeline:
                     **checkpoint_sampler_defaults(args, STAGE_SAMPLERS)}
         self.schema: Schema = SETTINGS.with_defaults(defaults)
         self.shape_norm, self.tex_norm = Normalization.of_latents(args)
+        self.grids = Grids.of(args)
 
     def settings(self, raw: Mapping[str, Any] | None = None) -> GenerationSettings:
         """Typed settings from a flat settings map (the schema's names), over this checkpoint's defaults; raises
@@ -255,13 +231,13 @@ class Trellis2Pipeline:
         args = config["args"]
         stems = args["models"]
         wanted_types = pipeline_types or tuple(
-            name for name, pt in PIPELINE_TYPES.items() if all(m in stems for m in (*pt.shape_models, pt.tex_model))
+            name for name, pt in PIPELINE_TYPES.items() if all(m in stems for m in pt.models)
         )
-        names = ["sparse_structure_flow_model", "sparse_structure_decoder", "shape_slat_decoder", "tex_slat_decoder"]
+        names = list(ALWAYS_LOADED)
         for name in wanted_types:
-            pt = PIPELINE_TYPES[name]
-            names += [m for m in (*pt.shape_models, pt.tex_model) if m not in names]
+            names += [m for m in PIPELINE_TYPES[name].models if m not in names]
         models = load_pipeline_models(weights, names, "cpu", config)
+        check_grids(models, stems, Grids.of(args))
         conditioner = DinoV3Conditioner.for_pipeline(weights, args)
         remover = remover or LazyRemover.for_pipeline(weights, args)
         store = ModelStore.placed(models, device, memory)
@@ -310,9 +286,9 @@ class Trellis2Pipeline:
         progress(CONDITION.name, 1, 1)
 
         noise = seeded_noise(settings.seed)
-        first_shape = self.store.models[ptype.shape_models[0]]
+        structure_grid = self.grids.latent_grid(ptype.shape_models[0])
         with self.store.use("sparse_structure_flow_model") as flow, self.store.use("sparse_structure_decoder") as dec:
-            coords = sample_sparse_structure(flow, dec, cond_lr, first_shape.resolution, params["sparse_structure"],
+            coords = sample_sparse_structure(flow, dec, cond_lr, structure_grid, params["sparse_structure"],
                                              noise, stepper(SPARSE_STRUCTURE))
         if coords.shape[0] == 0:
             raise JobFailure("the model found no object in this image",
@@ -322,17 +298,17 @@ class Trellis2Pipeline:
             with self.store.use(ptype.shape_models[0]) as flow:
                 shape_slat = sample_shape_slat(flow, cond_hr, coords, params["shape"], self.shape_norm, noise,
                                                stepper(SHAPE))
-                resolution = flow.resolution * 16
+            resolution = self.grids.asset_resolution(ptype.shape_models[0])
         else:
             lr_name, hr_name = ptype.shape_models
             with self.store.use(lr_name) as flow:
                 lr_slat = sample_shape_slat(flow, cond_lr, coords, params["shape"], self.shape_norm, noise,
                                             stepper(SHAPE_LR))
-                lr_resolution = flow.resolution * 16
+            lr_resolution = self.grids.asset_resolution(lr_name)
             progress(UPSAMPLE.name, 0, 1)
             with self.store.use("shape_slat_decoder") as dec:
                 hr_raw = upsample_lr_shape(dec, lr_slat)
-            hr_base = self.store.models[hr_name].resolution * 16
+            hr_base = self.grids.asset_resolution(hr_name)
             coords, resolution = cascade_coords(hr_raw, lr_resolution, hr_base, int(hr_base * ptype.upscale),
                                                 settings.max_num_tokens)
             progress(UPSAMPLE.name, 1, 1)

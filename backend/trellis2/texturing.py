@@ -41,8 +41,8 @@ from backend.ovoxel.user_mesh import UserMesh
 from backend.ovoxel.voxelizer import FlexibleDualGrid, mesh_to_flexible_dual_grid
 from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
 from backend.progress import ProgressCallback, Stage, ignore_progress
-from backend.trellis2.pipeline import (CONDITION, DECODE, PREPROCESS, TEXTURE, ModelStore,
-                                       checkpoint_sampler_defaults)
+from backend.trellis2.pipeline import ModelStore, check_grids, checkpoint_sampler_defaults
+from backend.trellis2.pipeline_types import CONDITION, DECODE, PREPROCESS, TEXTURE, TEXTURING_MODELS, Grids
 from backend.trellis2.sampler import SamplerParams
 from backend.trellis2.sparse import SparseTensor
 from backend.trellis2.stages import Normalization, sample_texture_slat, seeded_noise
@@ -60,24 +60,18 @@ TEXTURING_STAGES = (PREPROCESS, CONDITION, VOXELIZE, ENCODE, TEXTURE, DECODE)
 
 @dataclass(frozen=True)
 class TextureResolution:
-    """Which flow and condition size a texturing resolution uses. The voxel grid is the flow's own latent grid
-    x 16 x `upscale` (512 / 1024 / 1536 with the real flows; a tiny test checkpoint's smaller flows give smaller
-    grids through the same code)."""
+    """Which flow and condition size a texturing resolution uses; the voxel grid is the resolution itself (the
+    reference's `grid_size=resolution`, `Grids.texturing_grid`)."""
 
     flow: str
     cond_resolution: int
-    upscale: float = 1.0
-
-    def grid_size(self, flow: torch.nn.Module) -> int:
-        return int(flow.resolution * 16 * self.upscale)
 
 
 RESOLUTIONS = {
     512: TextureResolution("tex_slat_flow_model_512", 512),
     1024: TextureResolution("tex_slat_flow_model_1024", 1024),
-    1536: TextureResolution("tex_slat_flow_model_1024", 1024, upscale=1.5),
+    1536: TextureResolution("tex_slat_flow_model_1024", 1024),
 }
-NEEDED_MODELS = ("shape_slat_encoder", "tex_slat_decoder")
 
 
 @dataclass(frozen=True)
@@ -105,6 +99,7 @@ class TexturingPipeline:
         # The settings schema with texturing_pipeline.json's own texture sampler params as defaults.
         self.schema: Schema = SETTINGS.with_defaults(checkpoint_sampler_defaults(args, {"texture": "tex_slat_sampler"}))
         self.shape_norm, self.tex_norm = Normalization.of_latents(args)
+        self.grids = Grids.of(args)
 
     def settings(self, raw: Mapping[str, Any] | None = None) -> TexturingSettings:
         """Typed settings from a flat settings map; raises protocol.InvalidSettings naming a bad setting."""
@@ -124,8 +119,8 @@ class TexturingPipeline:
 
         config = read_pipeline_config(weights, CONFIG_FILE)
         args = config["args"]
-        names = [*NEEDED_MODELS, *dict.fromkeys(r.flow for r in RESOLUTIONS.values())]
-        models = load_pipeline_models(weights, names, "cpu", config)
+        models = load_pipeline_models(weights, list(TEXTURING_MODELS), "cpu", config)
+        check_grids(models, args["models"], Grids.of(args))
         conditioner = DinoV3Conditioner.for_pipeline(weights, args)
         store = ModelStore.placed(models, device, memory)
         conditioner.to(store.device)
@@ -161,7 +156,7 @@ class TexturingPipeline:
 
         progress(VOXELIZE.name, 0, 1)
         normalized, center, scale = normalize_to_unit_cube(mesh.positions.astype(np.float64))
-        resolution = choice.grid_size(self.store.models[choice.flow])
+        resolution = self.grids.texturing_grid(settings.resolution)
         grid = voxelize(normalized, mesh.faces, resolution, device)
         progress(VOXELIZE.name, 1, 1)
 

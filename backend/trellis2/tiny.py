@@ -15,8 +15,10 @@ from typing import Any
 import torch
 
 from backend.trellis2.checkpoint import build_model, save_checkpoint
+from backend.trellis2.pipeline_types import TEXTURING_MODELS
 
 LATENT = 8  # latent channels of the tiny structured latents (32 in the real model)
+GRID_SCALE = 0.25  # every grid at a quarter of the reference's (pipeline_types.Grids); only our JSONs carry it
 
 
 def _flow(resolution: int, in_channels: int) -> dict[str, Any]:
@@ -56,7 +58,6 @@ MODELS: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 # Which models each pipeline JSON names (as on the hub: the image pipeline has no encoder, texturing no shape flows).
 IMAGE_PIPELINE_MODELS = [name for name in MODELS if name != "shape_slat_encoder"]
-TEXTURING_MODELS = ["shape_slat_encoder", "tex_slat_decoder", "tex_slat_flow_model_512", "tex_slat_flow_model_1024"]
 
 SAMPLERS = {
     "sparse_structure_sampler": dict(steps=12, guidance_strength=7.5, guidance_rescale=0.7,
@@ -122,6 +123,7 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
                 "tex_slat_normalization": tex_norm,
                 **image_conditioning,
                 "default_pipeline_type": "1024_cascade",
+                "grid_scale": GRID_SCALE,
             },
         }
         texturing = {
@@ -132,6 +134,7 @@ def write_tiny_checkpoint(root: Path, seed: int = 0) -> Path:
                 "tex_slat_sampler": sampler("tex_slat_sampler"),
                 "tex_slat_normalization": tex_norm,
                 **image_conditioning,
+                "grid_scale": GRID_SCALE,
             },
         }
     (root / "pipeline.json").write_text(json.dumps(pipeline, indent=4))

@@ -199,3 +199,20 @@ def test_no_object_found_is_a_job_failure_that_names_what_to_try(pipe, image, mo
     with pytest.raises(JobFailure) as info:
         pipe.run(image, _fast(pipe))
     assert info.value.code == "job_failed" and "seed" in info.value.hint
+
+
+def test_a_flow_declaring_another_grid_than_the_reference_table_is_refused(tmp_path) -> None:
+    import json
+
+    from backend.trellis2.checkpoint import CheckpointError
+    from backend.trellis2.tiny import write_tiny_checkpoint
+
+    root = write_tiny_checkpoint(tmp_path / "tiny")
+    stem = json.loads((root / "pipeline.json").read_text())["args"]["models"]["shape_slat_flow_model_1024"]
+    config_file = root / f"{stem}.json"
+    config = json.loads(config_file.read_text())
+    config["args"]["resolution"] = 8  # the tiny 1024 flow runs on a 16^3 latent (64^3 at full size)
+    config_file.write_text(json.dumps(config))
+    with pytest.raises(CheckpointError) as info:
+        Trellis2Pipeline.from_pretrained(str(root), device="cpu")
+    assert f"{stem}.json" in str(info.value) and "resolution 8" in str(info.value) and "16^3" in str(info.value)

@@ -15,7 +15,7 @@ from backend.asset.textured_mesh import AssetSettings
 from backend.ovoxel.user_mesh import UserMesh
 from backend.progress import StopRequested
 from backend.trellis2.texturing import RESOLUTIONS, TEXTURING_STAGES, TexturingPipeline
-from backend.trellis2.tiny import TEXTURING_MODELS
+from backend.trellis2.pipeline_types import TEXTURING_MODELS
 from protocol import InvalidSettings
 from protocol.settings import SETTINGS
 
@@ -47,7 +47,7 @@ def test_loads_only_the_texturing_models(pipe, tiny_checkpoint) -> None:
 def test_mesh_in_textures_and_uvs_out_on_the_callers_own_vertices(pipe, image, box_with_uvs) -> None:
     mesh = box_with_uvs
     voxels = pipe.texture(mesh, image, pipe.settings(FAST))
-    assert voxels.resolution == RESOLUTIONS[512].grid_size(pipe.store.models["tex_slat_flow_model_512"]) == 128
+    assert voxels.resolution == pipe.grids.texturing_grid(512) == 128  # the tiny checkpoint's quarter-size grids
     assert voxels.coords.shape[0] > 1000 and np.isfinite(voxels.attrs).all()
     assert voxels.metadata["kind"] == "texturing" and voxels.metadata["seed"] == 42
     baked = bake_onto(mesh, voxels, AssetSettings(texture_size=256), device="cpu")
