@@ -15,6 +15,7 @@ from torch import nn
 
 from backend.trellis2.checkpoint import build_model
 from backend.trellis2.pipeline import ModelStore, Trellis2Pipeline
+from backend.trellis2.pipeline_types import STRUCTURE_GRID
 from backend.trellis2.sparse import SparseTensor
 
 FLOW = {"model_channels": 1536, "cond_channels": 1024, "num_blocks": 30, "num_heads": 12, "mlp_ratio": 5.3334,
@@ -87,8 +88,11 @@ def random_pipeline(models: dict[str, nn.Module], conditioner: nn.Module, device
     gen = torch.Generator().manual_seed(0)
     latent = models["shape_slat_flow_model_512"].out_channels
     norm = {"mean": (torch.randn(latent, generator=gen) * 0.5).tolist(), "std": [5.0] * latent}
+    # The reference's grids, scaled to the models' own size (1 at full size; tests use quarter-size models).
+    grid_scale = models["sparse_structure_flow_model"].resolution / STRUCTURE_GRID
     config = {"args": {**{k: {"params": v} for k, v in SAMPLERS.items()}, "shape_slat_normalization": norm,
-                       "tex_slat_normalization": norm, "default_pipeline_type": "1024_cascade"}}
+                       "tex_slat_normalization": norm, "default_pipeline_type": "1024_cascade",
+                       "grid_scale": grid_scale}}
     return Trellis2Pipeline(config, ModelStore(models, device, offload), conditioner, remover=None)
 
 
