@@ -396,8 +396,20 @@ class WorkerPool:
         elif isinstance(event, LoadFailed):
             slot.state, slot.error = WorkerState.FAILED, event.error
             log.error("worker %s: loading the models failed: %s", slot.plan.name, event.error)
+            self._end_waiting_if_no_worker_can_load()
             return "failed"
         return None
+
+    def _end_waiting_if_no_worker_can_load(self) -> None:
+        """Jobs accepted while the models were loading end with the load's error once every worker has failed:
+        nobody would ever run them (new requests are refused at submit from then on)."""
+        with self._lock:
+            if any(s.state != WorkerState.FAILED for s in self._slots):
+                return
+            waiting, self._queue = list(self._queue), deque()
+        for job in waiting:
+            self._finish(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {self.load_error}",
+                               "fix the cause shown in the server log and restart the server", job.job_id), 0.0)
 
     def _dispatch(self, slot: _Slot, transport: Transport) -> None:
         job = self._take(slot)

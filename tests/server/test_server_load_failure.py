@@ -1,0 +1,41 @@
+"""A server whose models fail to load: a job accepted while they were loading ends with that error (nobody would
+ever run it), and later requests are refused at once."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from backend.server.server import Server, ServerConfig
+from protocol import Error, ErrorCode, Generate, ModelStatus, RemoteError
+from server_testkit import connect, last, png, wait_until
+
+
+def test_jobs_waiting_for_models_that_fail_to_load_end_with_the_load_error(tmp_path) -> None:
+    release = threading.Event()
+
+    def failing_load():
+        release.wait(10)
+        raise FileNotFoundError("no weights in /nowhere")
+
+    server = Server(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", grace_s=0.0), failing_load)
+    server.start()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        with connect(server.endpoint) as client:
+            assert client.hello().model_status == ModelStatus.LOADING
+            job_id = client.submit(Generate(png()))
+            release.set()
+            final = last(client.events(job_id, timeout=30))
+            assert isinstance(final, Error) and final.code == ErrorCode.MODEL_NOT_READY
+            assert "no weights in /nowhere" in final.message
+            wait_until(lambda: server.worker.status == ModelStatus.FAILED, 10, "the pool to report the failure")
+            with pytest.raises(RemoteError) as refused:
+                client.submit(Generate(png()))
+            assert refused.value.code == ErrorCode.MODEL_NOT_READY
+    finally:
+        server.stop(immediate=True)
+        thread.join(30)
+    assert not thread.is_alive()
