@@ -1,8 +1,8 @@
 """What jobs run on: the TRELLIS.2 pipeline and the asset step behind one small interface, loaded once.
 
 The server's worker knows jobs, not models: it gives an Engine flat settings (the settings schema's names, checked at
-submit) and the job's inputs, and gets back an O-Voxel or a textured mesh, reporting progress through the stages the
-engine plans for that job. Everything a user can act on comes out as a `backend.errors.JobFailure`; a raise from the
+submit) and the job's inputs, and gets back an O-Voxel, a textured mesh, or textures baked onto a caller's mesh
+(texturing), reporting progress through the stages the engine plans for that job. Everything a user can act on comes out as a `backend.errors.JobFailure`; a raise from the
 progress callback (`StopRequested`) passes through unchanged. This module may import torch; the server imports it
 only when it starts the worker.
 """
@@ -17,13 +17,18 @@ from typing import Any
 
 import torch
 
+import numpy as np
+
+from backend.asset.bake_onto import BAKE_STAGES, BakedTextures, bake_onto
 from backend.asset.postprocess import asset_stages, build_textured_mesh
 from backend.asset.textured_mesh import AssetSettings, TexturedMesh
-from backend.errors import OutOfMemory
+from backend.errors import OutOfMemory, UnsupportedSetting
 from backend.ovoxel.ovoxel import OVoxel
+from backend.ovoxel.user_mesh import UserMesh
 from backend.progress import ProgressCallback, Stage
 from backend.trellis2.pipeline import Trellis2Pipeline
-from protocol.settings import GENERATE, REPROCESS, DEFAULT_WEIGHTS, Schema
+from backend.trellis2.texturing import TEXTURING_STAGES, TexturingPipeline
+from protocol.settings import DEFAULT_WEIGHTS, GENERATE, REPROCESS, TEXTURE, Schema
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +37,16 @@ CAPABILITIES = ("cancel", "fetch", "progress", GENERATE, REPROCESS)
 
 
 class Engine:
-    """One loaded pipeline and asset builder. Tests replace `build_asset` on an instance to hold or fail jobs."""
+    """One loaded image pipeline and asset builder, and the texturing pipeline when the weights have one."""
 
-    def __init__(self, pipeline: Trellis2Pipeline, build_asset: AssetBuilder, device: torch.device) -> None:
+    def __init__(self, pipeline: Trellis2Pipeline, build_asset: AssetBuilder, device: torch.device,
+                 texturing: TexturingPipeline | None = None) -> None:
         self.pipeline = pipeline
+        self.texturing = texturing
         self._build = build_asset
         self._device = device
         self.schema: Schema = pipeline.schema  # the settings schema with this checkpoint's defaults
-        self.capabilities = CAPABILITIES
+        self.capabilities = (*CAPABILITIES, TEXTURE) if texturing is not None else CAPABILITIES
 
     @property
     def device(self) -> str:
@@ -87,30 +94,62 @@ class Engine:
             yield lambda: max(0, torch.cuda.max_memory_allocated(self._device) - start)
         stream.synchronize()
 
-    def plan(self, kind: str, settings: Mapping[str, Any]) -> tuple[Stage, ...]:
-        """The stages a job of `kind` with these resolved settings reports, in order."""
-        asset = asset_stages(AssetSettings.from_settings(settings))
+    def plan(self, kind: str, settings: Mapping[str, Any], onto_mesh: bool = False) -> tuple[Stage, ...]:
+        """The stages a job of `kind` with these resolved settings reports, in order; `onto_mesh`: its textures
+        are baked onto a caller's mesh (a texture job, or the reprocess of one)."""
+        asset = BAKE_STAGES if onto_mesh else asset_stages(AssetSettings.from_settings(settings))
         if kind == REPROCESS:
             return asset
+        if kind == TEXTURE:
+            return (*TEXTURING_STAGES, *asset)
         return (*self.pipeline.stages(self.pipeline.settings(settings)), *asset)
 
     def generate(self, image: bytes, settings: Mapping[str, Any], progress: ProgressCallback) -> OVoxel:
         return self.pipeline.run(image, self.pipeline.settings(settings), progress)
 
+    def texture(self, image: bytes, mesh: Mapping[str, np.ndarray], settings: Mapping[str, Any],
+                progress: ProgressCallback) -> OVoxel:
+        """PBR voxels on a caller's mesh (the texture request's arrays) from an image."""
+        if self.texturing is None:
+            raise UnsupportedSetting("these weights have no texturing pipeline (texturing_pipeline.json)",
+                                     "use weights that include it, e.g. microsoft/TRELLIS.2-4B")
+        return self.texturing.texture(UserMesh.from_request(mesh), image, self.texturing.settings(settings), progress)
+
     def build_asset(self, ovoxel: OVoxel, settings: Mapping[str, Any], progress: ProgressCallback) -> TexturedMesh:
-        try:
+        with _out_of_memory_as_failure("building the mesh and textures"):
             return self._build(ovoxel, AssetSettings.from_settings(settings), progress)
-        except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            raise OutOfMemory(f"out of memory while building the mesh and textures: {str(exc).splitlines()[0]}",
-                              "ask for fewer faces or a smaller texture_size, or re-process the job on a machine "
-                              "with more memory") from exc
+
+    def bake(self, ovoxel: OVoxel, mesh: Mapping[str, np.ndarray], settings: Mapping[str, Any],
+             progress: ProgressCallback) -> BakedTextures:
+        """Textures for a caller's own triangles from its texturing O-Voxel (its UVs kept when usable)."""
+        with _out_of_memory_as_failure("baking the textures"):
+            return bake_onto(UserMesh.from_request(mesh), ovoxel, AssetSettings.from_settings(settings), progress,
+                             device=self._device)
+
+
+@contextlib.contextmanager
+def _out_of_memory_as_failure(what: str) -> Iterator[None]:
+    try:
+        yield
+    except (torch.cuda.OutOfMemoryError, MemoryError) as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        raise OutOfMemory(f"out of memory while {what}: {str(exc).splitlines()[0]}",
+                          "ask for a smaller texture_size (or fewer faces), or re-process the job on a machine with "
+                          "more memory") from exc
 
 
 def load_engine(weights: str | None, device: str | None = None, memory: str = "auto",
                 build_asset: AssetBuilder | None = None) -> Engine:
     """The real engine: TRELLIS.2 from `weights` and, unless given, backend.asset.postprocess for the asset."""
+    from backend.trellis2.checkpoint import CheckpointError
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    pipeline = Trellis2Pipeline.from_pretrained(weights or DEFAULT_WEIGHTS, device=dev, memory=memory)
-    return Engine(pipeline, build_asset or partial(build_textured_mesh, device=dev), dev)
+    weights = weights or DEFAULT_WEIGHTS
+    pipeline = Trellis2Pipeline.from_pretrained(weights, device=dev, memory=memory)
+    try:
+        texturing = TexturingPipeline.alongside(pipeline, weights)
+    except CheckpointError as exc:  # weights without texturing_pipeline.json: image to 3D only
+        log.info("texturing is not offered: %s", exc)
+        texturing = None
+    return Engine(pipeline, build_asset or partial(build_textured_mesh, device=dev), dev, texturing)

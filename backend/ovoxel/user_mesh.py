@@ -29,6 +29,23 @@ class UserMesh:
     uvs: np.ndarray | None = None  # float64 [F, 3, 2] per-corner UVs, v up (may be unusable: see bake_onto)
 
     @classmethod
+    def from_request(cls, arrays: dict[str, np.ndarray]) -> UserMesh:
+        """The mesh of a texture request (protocol: `positions` [N, 3], `indices` [F, 3], optional per-corner
+        `uvs` [3F, 2]), checked."""
+        missing = [name for name in ("positions", "indices") if name not in arrays]
+        if missing:
+            raise MeshInputError(f"the mesh lacks its {' and '.join(missing)} array", "send positions and indices")
+        faces = np.asarray(arrays["indices"])
+        uvs = arrays.get("uvs")
+        if uvs is not None and faces.ndim == 2 and faces.shape[0]:  # (bad or no faces: `checked` names them)
+            uvs = np.asarray(uvs)
+            if uvs.ndim != 2 or uvs.shape != (3 * faces.shape[0], 2):
+                raise MeshInputError(f"uvs must be [3F, 2] = [{3 * faces.shape[0]}, 2] (one per face corner), got "
+                                     f"{list(uvs.shape)}", "send one (u, v) pair per corner of each triangle")
+            uvs = uvs.reshape(-1, 3, 2)
+        return cls.checked(arrays["positions"], faces, uvs)
+
+    @classmethod
     def checked(cls, positions: np.ndarray, faces: np.ndarray, uvs: np.ndarray | None = None,
                 max_faces: int = MAX_FACES, max_vertices: int = MAX_VERTICES) -> UserMesh:
         """Validate untrusted arrays. `uvs` may be per corner [F, 3, 2] or per vertex [V, 2]."""

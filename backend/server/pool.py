@@ -429,11 +429,13 @@ class WorkerPool:
         transport.run(order)
 
     def _order(self, job: QueuedJob) -> JobOrder:
-        spec = job.spec
+        spec, job_id = job.spec, job.job_id
+        mesh = self.store.load_mesh(job_id) if self.store.has_mesh(job_id) else None
         if spec.kind == REPROCESS:
-            self.store.share_ovoxel(spec.source_job_id, job.job_id)
-            return JobOrder(job.job_id, spec, ovoxel=self.store.load_ovoxel(job.job_id))
-        return JobOrder(job.job_id, spec, image=self.store.image(job.job_id))
+            self.store.share_ovoxel(spec.source_job_id, job_id)
+            mesh = self.store.load_mesh(job_id) if self.store.has_mesh(job_id) else None
+            return JobOrder(job_id, spec, ovoxel=self.store.load_ovoxel(job_id), mesh=mesh)
+        return JobOrder(job_id, spec, image=self.store.image(job_id), mesh=mesh)
 
     def _lost(self, slot: _Slot, reason: str) -> None:
         """The worker is gone: give its jobs another run (or their final error) and mark it for a restart."""

@@ -36,13 +36,14 @@ import numpy as np
 import zmq
 
 import backend
+from backend.errors import JobFailure
 from backend.server.auth import SecurityError, secure_server_socket, server_keys_for
 from backend.server.requests import JobSpec
 from backend.server.store import JobStore, StoreError, Terminal
 from backend.server.pool import PoolConfig, QueuedJob, build_pool
 from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, Accepted, Cancel, Cancelled, Error, ErrorCode, Fetch, Hello,
                       Info, InvalidSettings, Limits, Message, ModelStatus, Ping, Pong, Progress, ProtocolError,
-                      Reprocess, Request, configure_socket, decode, encode, join_envelope, split_envelope)
+                      Reprocess, Request, Texture, configure_socket, decode, encode, join_envelope, split_envelope)
 from protocol.settings import DEFAULT_WEIGHTS
 
 if TYPE_CHECKING:
@@ -304,6 +305,8 @@ class Server:
             spec = JobSpec.of(msg, self.worker.schema)
         except InvalidSettings as exc:
             return refuse(Error.from_exception(exc, client_job_id=cid))
+        except JobFailure as exc:  # a texture request's mesh that nothing could texture
+            return refuse(Error(ErrorCode(exc.code), exc.message, exc.hint, None, cid))
         if self.worker.status == ModelStatus.FAILED:
             return refuse(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {self.worker.load_error}",
                                 "fix the cause shown in the server log and restart the server", None, cid))
@@ -319,6 +322,7 @@ class Server:
         job_id = uuid.uuid4().hex  # unguessable: knowing a job id is what entitles a client to its result
         try:
             self.store.create(job_id, spec.kind, spec.settings, image=getattr(msg, "image", None),
+                              mesh=msg.mesh if isinstance(msg, Texture) else None,
                               source_job_id=spec.source_job_id, client_job_id=cid)
         except OSError as exc:
             return refuse(Error(ErrorCode.INTERNAL_ERROR, f"the server could not store the job: {exc}",

@@ -4,6 +4,7 @@ One folder per job under `ROOT/jobs/JOB_ID/`:
 
     record.json   state (queued | result | error | cancelled), settings, timestamps, error, result metadata
     input.image   the submitted image file (deleted once the job has ended)
+    mesh.npz      a texture job's mesh (kept, like the O-Voxel, so its textures can be baked again)
     ovoxel.npz    the generated O-Voxel, kept so the asset can be rebuilt with other settings
     result.npz    the result arrays, keys "mesh.NAME" and "textures.NAME"
 
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 QUEUED = "queued"
 TERMINAL_STATES = ("result", "error", "cancelled")
 Terminal = Result | Error | Cancelled
-RECORD, INPUT, OVOXEL, RESULT = "record.json", "input.image", "ovoxel.npz", "result.npz"
+RECORD, INPUT, MESH, OVOXEL, RESULT = "record.json", "input.image", "mesh.npz", "ovoxel.npz", "result.npz"
 TMP_SUFFIX = ".tmp"
 
 
@@ -143,6 +144,14 @@ class JobStore:
     def load_ovoxel(self, job_id: str) -> OVoxel:
         return OVoxel.load(self._dir(job_id) / OVOXEL)
 
+    def has_mesh(self, job_id: str) -> bool:
+        return (self._dir(job_id) / MESH).is_file()
+
+    def load_mesh(self, job_id: str) -> dict[str, np.ndarray]:
+        """A texture job's mesh arrays, as its request carried them."""
+        with np.load(self._dir(job_id) / MESH, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+
     def terminal(self, job_id: str) -> Terminal | None:
         """The job's terminal message as it was first sent, or None while the job has not ended."""
         with self._lock:
@@ -168,8 +177,9 @@ class JobStore:
     # -- writing ----------------------------------------------------------------------------------
 
     def create(self, job_id: str, kind: str, settings: dict[str, Any], *, image: bytes | None = None,
-               source_job_id: str | None = None, client_job_id: str | None = None) -> JobRecord:
-        """Persist a new queued job (its image first, if it has one, then its record)."""
+               mesh: dict[str, np.ndarray] | None = None, source_job_id: str | None = None,
+               client_job_id: str | None = None) -> JobRecord:
+        """Persist a new queued job (its image and mesh first, if it has them, then its record)."""
         if not NAME_PATTERN.fullmatch(job_id):
             raise ValueError(f"bad job id {job_id!r}")
         record = JobRecord(job_id, time.time(), kind, settings, source_job_id, client_job_id)
@@ -181,6 +191,8 @@ class JobStore:
             try:
                 if image is not None:
                     atomic_write(folder / INPUT, image)
+                if mesh is not None:
+                    atomic_write(folder / MESH, _npz(mesh))
                 self._write_record(record)
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -194,19 +206,22 @@ class JobStore:
             self._resize(job_id)
 
     def share_ovoxel(self, source_id: str, job_id: str) -> None:
-        """Give a re-processing job its source's O-Voxel (a hard link where possible), so it can be re-processed
-        again even after the source is purged."""
+        """Give a re-processing job its source's O-Voxel (and a texture job's mesh), hard links where possible, so
+        it can be re-processed again even after the source is purged."""
         with self._lock:
             if not self.has_ovoxel(source_id):
                 raise MissingOVoxel(f"job {source_id} has no stored O-Voxel any more (it was purged)")
-            src, dst = self._dir(source_id) / OVOXEL, self._dir(job_id) / OVOXEL
-            tmp = dst.with_name(dst.name + TMP_SUFFIX)
-            tmp.unlink(missing_ok=True)
-            try:
-                os.link(src, tmp)
-            except OSError:
-                shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
+            for name in (OVOXEL, MESH):
+                src, dst = self._dir(source_id) / name, self._dir(job_id) / name
+                if not src.is_file():
+                    continue
+                tmp = dst.with_name(dst.name + TMP_SUFFIX)
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(src, tmp)
+                except OSError:
+                    shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
             self._resize(job_id)
 
     def finish(self, job_id: str, message: Terminal) -> bool:
@@ -218,9 +233,7 @@ class JobStore:
         if isinstance(message, Result):  # written outside the lock, so a big result never stalls the I/O thread
             arrays = {f"mesh.{k}": v for k, v in message.mesh.items()}
             arrays.update({f"textures.{k}": v for k, v in message.textures.items()})
-            buf = io.BytesIO()
-            np.savez(buf, **arrays)
-            atomic_write(folder / RESULT, buf.getbuffer())
+            atomic_write(folder / RESULT, _npz(arrays))
             metadata = message.metadata
         elif isinstance(message, Error):
             error = {"code": message.code.value, "message": message.message, "hint": message.hint}
@@ -301,3 +314,9 @@ class JobStore:
                 (folder / INPUT).unlink(missing_ok=True)
             self._records[record.job_id] = record
             self._resize(record.job_id)
+
+
+def _npz(arrays: dict[str, np.ndarray]) -> memoryview:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getbuffer()

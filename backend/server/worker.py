@@ -27,14 +27,16 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
+import numpy as np
+
 from backend.errors import JobFailure, OutOfMemory
 from backend.ovoxel.ovoxel import OVoxel
 from backend.progress import StageFraction, StopRequested
 from backend.server.requests import JobSpec, spec_metadata
-from backend.server.results import result_message
+from backend.server.results import result_message, texture_result_message
 from backend.server.store import MissingOVoxel, Terminal
 from protocol import Cancelled, Error, ErrorCode, InvalidSettings, Progress, Schema
-from protocol.settings import GENERATE, REPROCESS
+from protocol.settings import GENERATE, REPROCESS, TEXTURE
 
 if TYPE_CHECKING:
     from backend.engine import Engine
@@ -57,8 +59,9 @@ class JobOrder:
 
     job_id: str
     spec: JobSpec
-    image: bytes | None = None  # generate
+    image: bytes | None = None  # generate, texture
     ovoxel: OVoxel | None = None  # reprocess: the source job's O-Voxel
+    mesh: dict[str, np.ndarray] | None = None  # texture (and the reprocess of one): the caller's mesh arrays
 
 
 @dataclass(frozen=True)
@@ -315,13 +318,17 @@ class EngineWorker:
                  if job.overlapped else "")
         try:
             job.settings = engine.schema.resolve(spec.kind, spec.settings)
-            job.meter = JobProgress(job.job_id, StageFraction(engine.plan(spec.kind, job.settings)))
+            onto_mesh = job.order.mesh is not None
+            job.meter = JobProgress(job.job_id, StageFraction(engine.plan(spec.kind, job.settings, onto_mesh)))
             if spec.kind == REPROCESS:
                 if job.order.ovoxel is None:
                     raise MissingOVoxel(f"job {spec.source_job_id} has no stored O-Voxel any more (it was purged)")
                 job.ovoxel = job.order.ovoxel
             elif spec.kind == GENERATE:
                 job.ovoxel = self._generate_once(job)
+                self._outbox(Generated(job.job_id, job.ovoxel))
+            elif spec.kind == TEXTURE:
+                job.ovoxel = engine.texture(job.order.image, job.order.mesh, job.settings, self._progress(job))
                 self._outbox(Generated(job.job_id, job.ovoxel))
             else:
                 raise JobFailure(f"this server cannot run {spec.kind} jobs", "update the backend")
@@ -365,16 +372,23 @@ class EngineWorker:
             with self._lock:
                 alone = self._generating is None or self._generating is job
             with engine.lane(measure=alone) as peak:
-                mesh = engine.build_asset(job.ovoxel, job.settings, self._progress(job))
+                if job.order.mesh is not None:  # textures for the caller's own mesh
+                    built = engine.bake(job.ovoxel, job.order.mesh, job.settings, self._progress(job))
+                else:
+                    built = engine.build_asset(job.ovoxel, job.settings, self._progress(job))
             if alone:
                 self._peaks["build"] = max(self._peaks["build"], peak())
             job.meter.close_stage()
             meta = {**spec_metadata(job.order.spec, job.settings), "ovoxel": job.ovoxel.metadata,
                     "timings": {**job.meter.timings, "total": time.monotonic() - job.started},
                     "worker": {"name": self.name, "host": self._facts.host, "pid": self._facts.pid,
-                               "device": self._facts.device},
-                    "vertex_count": int(len(mesh.positions)), "face_count": int(len(mesh.indices))}
-            self._end(job, None, result_message(job.job_id, mesh, meta))
+                               "device": self._facts.device}}
+            if job.order.mesh is not None:
+                result = texture_result_message(job.job_id, built, meta)
+            else:
+                meta.update(vertex_count=int(len(built.positions)), face_count=int(len(built.indices)))
+                result = result_message(job.job_id, built, meta)
+            self._end(job, None, result)
         except Exception as exc:
             self._end(job, exc)
 

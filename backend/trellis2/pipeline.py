@@ -108,22 +108,28 @@ class ModelStore:
     never change, leaving the GPU only points the model back at those host copies."""
 
     def __init__(self, models: dict[str, nn.Module], device: torch.device, offload: bool) -> None:
-        self.models, self.device, self.offload = models, device, offload
+        self.models: dict[str, nn.Module] = {}
+        self.device, self.offload = device, offload
         self.host: dict[str, list[tuple[nn.Module, str, str, torch.Tensor]]] = {}
-        if not offload:
-            for model in models.values():
-                model.to(device)
-            return
-        pin = device.type == "cuda"
         for name, model in models.items():
-            self.host[name] = [
-                (module, kind, key, _host_copy(tensor.detach(), pin))
-                for module in model.modules()
-                for kind in ("_parameters", "_buffers")
-                for key, tensor in getattr(module, kind).items()
-                if tensor is not None
-            ]
-            self._point_at(name, lambda host: host)
+            self.add(name, model)
+
+    def add(self, name: str, model: nn.Module) -> None:
+        """Keep one more model, placed as the store's mode says (another pipeline sharing this store loads only the
+        models it lacks)."""
+        self.models[name] = model
+        if not self.offload:
+            model.to(self.device)
+            return
+        pin = self.device.type == "cuda"
+        self.host[name] = [
+            (module, kind, key, _host_copy(tensor.detach(), pin))
+            for module in model.modules()
+            for kind in ("_parameters", "_buffers")
+            for key, tensor in getattr(module, kind).items()
+            if tensor is not None
+        ]
+        self._point_at(name, lambda host: host)
 
     def _point_at(self, name: str, place: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Give every parameter and buffer of model `name` the data place(host copy)."""
@@ -201,6 +207,7 @@ class Trellis2Pipeline:
         self.schema: Schema = SETTINGS.with_defaults(defaults)
         self.shape_norm, self.tex_norm = Normalization.of_latents(args)
         self.grids = Grids.of(args)
+        self.stems: dict[str, str] = dict(args.get("models", {}))  # checkpoint stem of each model
 
     def settings(self, raw: Mapping[str, Any] | None = None) -> GenerationSettings:
         """Typed settings from a flat settings map (the schema's names), over this checkpoint's defaults; raises

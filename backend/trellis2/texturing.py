@@ -126,6 +126,21 @@ class TexturingPipeline:
         conditioner.to(store.device)
         return cls(config, store, conditioner, remover or LazyRemover.for_pipeline(weights, args))
 
+    @classmethod
+    def alongside(cls, image_pipeline: Any, weights: str) -> TexturingPipeline:
+        """The texturing pipeline of `weights` sharing an image pipeline's models, conditioner and remover: the
+        models both JSONs name with the same checkpoint (the texture flows and decoder) are used once, and only
+        the rest (the shape encoder) is loaded, into the same store."""
+        config = read_pipeline_config(weights, CONFIG_FILE)
+        args = config["args"]
+        store, shared_stems = image_pipeline.store, image_pipeline.stems
+        missing = [name for name in TEXTURING_MODELS
+                   if name not in store.models or shared_stems.get(name) != args["models"][name]]
+        for name, model in load_pipeline_models(weights, missing, "cpu", config).items():
+            store.add(name, model)
+        check_grids({name: store.models[name] for name in TEXTURING_MODELS}, args["models"], Grids.of(args))
+        return cls(config, store, image_pipeline.conditioner, image_pipeline.remover)
+
     def texture(self, mesh: UserMesh, image: bytes | str | Path | Image.Image, settings: TexturingSettings,
                 progress: ProgressCallback = ignore_progress) -> OVoxel:
         """PBR voxels on `mesh`'s surface from `image` (see the module docstring for the steps)."""
