@@ -55,7 +55,8 @@ def chosen_object(context: bpy.types.Context, name: str) -> bpy.types.Object:
         if obj is None:
             raise AddonError("There is no active object to texture", "Select a mesh object first.")
     if obj.type != "MESH":
-        raise AddonError(f"{obj.name} is a {obj.type.lower()} object, not a mesh", "Select a mesh object.")
+        raise AddonError(f"{obj.name} is not a mesh object (its type is {obj.type.title()})",
+                         "Select a mesh object.")
     if obj.mode == "EDIT":
         raise AddonError(f"{obj.name} is in Edit Mode", "Switch to Object Mode (Tab) first.")
     return obj
@@ -102,7 +103,8 @@ def triangles_of(mesh: bpy.types.Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarr
     """(positions float32 [N, 3], triangles int32 [F, 3], the mesh corner of each triangle corner int32 [3F])."""
     mesh.calc_loop_triangles()
     positions = np.empty(3 * len(mesh.vertices), np.float32)
-    mesh.attributes["position"].data.foreach_get("vector", positions)
+    if len(positions):  # a mesh without vertices has no position attribute
+        mesh.attributes["position"].data.foreach_get("vector", positions)
     triangles = np.empty(3 * len(mesh.loop_triangles), np.int32)
     mesh.loop_triangles.foreach_get("vertices", triangles)
     corners = np.empty(3 * len(mesh.loop_triangles), np.int32)

@@ -71,3 +71,21 @@ def scene(addon: ModuleType) -> bpy.types.Scene:
     session = addon_module("blender.running").session
     session.job = session.target = session.message = None
     return bpy.context.scene
+
+
+@pytest.fixture
+def prefs(scene):
+    return bpy.context.preferences.addons[PACKAGE].preferences
+
+
+@pytest.fixture
+def fake_backend(prefs):
+    """A fake backend that finishes every job (tests/addon_core/addon_fakes.py), set as the remote server in the
+    preferences."""
+    from addon_fakes import backend_handler
+    from protocol_fakes import FakeServer
+
+    server = FakeServer(backend_handler())
+    prefs.backend_mode, prefs.server_address = "REMOTE", server.address
+    yield server
+    server.stop()

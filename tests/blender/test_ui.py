@@ -10,11 +10,10 @@ from types import SimpleNamespace
 
 import bpy
 import pytest
-from protocol_fakes import FakeServer, png_bytes
+from protocol_fakes import png_bytes
 
 import protocol as wire
-from conftest import PACKAGE, addon_module
-from addon_fakes import backend_handler
+from conftest import addon_module
 
 
 class FakeLayout:
@@ -48,20 +47,6 @@ def draw(panel: str) -> FakeLayout:
     layout = FakeLayout()
     getattr(bpy.types, panel).draw(SimpleNamespace(layout=layout), bpy.context)
     return layout
-
-
-@pytest.fixture
-def prefs(scene):
-    return bpy.context.preferences.addons[PACKAGE].preferences
-
-
-@pytest.fixture
-def fake_backend(prefs):
-    """A fake backend that finishes every job, set as the remote server in the preferences."""
-    server = FakeServer(backend_handler())
-    prefs.backend_mode, prefs.server_address = "REMOTE", server.address
-    yield server
-    server.stop()
 
 
 def image_file(tmp_path: Path, name: str = "chair.png") -> str:
@@ -228,7 +213,7 @@ def test_the_ui_path_runs_the_job_in_a_thread_and_the_timer_builds_the_object(sc
         time.sleep(0.02)
     obj = scene.objects["mug"]
     assert tuple(obj.location) == (0, 0, 2) and obj.select_get()
-    assert session.message == ("INFO", "built mug")
+    assert session.message == ("INFO", "built mug (18 faces)")
     assert scene.trellis2.recent[0].job_id == "job-1"
     while session.status(prefs.backend_plan()).state != "connected" and time.monotonic() < deadline:
         timer.tick()  # the timer started the status thread and tells it where to ask
