@@ -63,13 +63,17 @@ def addon(extension_zip: Path) -> ModuleType:
 
 @pytest.fixture
 def scene(addon: ModuleType) -> bpy.types.Scene:
-    """An empty scene (add-ons stay enabled), backend preferences reset, no job or message in the session."""
+    """An empty scene (add-ons stay enabled), backend preferences reset, no job, message or status monitor (a
+    timer tick of an earlier test starts one) in the session."""
     bpy.ops.wm.read_homefile(use_empty=True)
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     for name in ("backend_mode", "backend_python", "weights", "server_address", "server_key"):
         prefs.property_unset(name)
     session = addon_module("blender.running").session
-    session.job = session.target = session.message = None
+    session.job = session.target = session.message = session.shown_status = None
+    if session.monitor is not None:
+        session.monitor.stop()
+        session.monitor = None
     return bpy.context.scene
 
 
