@@ -172,7 +172,8 @@ def test_modifiers_stay_and_the_evaluated_mesh_is_sent(scene, fake_backend, tmp_
         for name, array in zip(("positions", "indices", "uvs"), evaluated_before):
             assert np.array_equal(request.mesh[name], array), name
     evaluated_now, tris_now, uvs_now = evaluated_request_arrays(obj, uv_map)  # the kept map gives what was sent
-    assert np.array_equal(request.mesh["positions"], evaluated_now) and np.array_equal(request.mesh["indices"], tris_now)
+    assert np.array_equal(request.mesh["positions"], evaluated_now)
+    assert np.array_equal(request.mesh["indices"], tris_now)
     assert np.allclose(request.mesh["uvs"], uvs_now, rtol=0, atol=1e-6)  # a re-evaluation may differ in the last bit
     check_material(obj, uv_map)
 
