@@ -21,7 +21,7 @@ from pathlib import Path
 import bpy
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_folder import IMAGE_SUFFIXES, trellis2_preferences  # noqa: E402  (the folder's sibling script)
+from batch_folder import IMAGE_SUFFIXES, export_glb, save, trellis2_preferences  # noqa: E402  (its sibling)
 
 IMPORTERS = {".obj": "wm.obj_import", ".ply": "wm.ply_import", ".stl": "wm.stl_import", ".glb": "import_scene.gltf",
              ".gltf": "import_scene.gltf", ".fbx": "import_scene.fbx", ".usd": "wm.usd_import",
@@ -95,17 +95,10 @@ def main() -> int:
             failed.append(mesh.name)
             continue
         if args.glb_dir:
-            args.glb_dir.mkdir(parents=True, exist_ok=True)
-            glb = args.glb_dir / f"{mesh.stem}.glb"
             for other in bpy.context.view_layer.objects:
                 other.select_set(other == obj)
-            bpy.ops.export_scene.gltf(filepath=str(glb.absolute()), export_format="GLB", use_selection=True)
-            print(f"  wrote {glb}", flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    bpy.ops.wm.save_as_mainfile(filepath=str(args.output.absolute()), compress=True)
-    print(f"wrote {args.output}: {len(todo) - len(failed)} of {len(todo)} meshes textured"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+            export_glb(args.glb_dir, mesh.stem)
+    return save(args.output, f"{len(todo) - len(failed)} of {len(todo)} meshes textured", failed)
 
 
 if __name__ == "__main__":

@@ -110,24 +110,33 @@ class Trellis2Operator(bpy.types.Operator):
         return True
 
 
-class TRELLIS2_OT_generate(Trellis2Operator):
+def image_annotations(purpose: str) -> dict:
+    """The image_path / image_name properties of an operator that sends an image."""
+    return {"image_path": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
+                                         description=purpose),
+            "image_name": StringProperty(name="Blender Image", options={"SKIP_SAVE"},
+                                         description="Name of an image already in Blender (instead of a file)")}
+
+
+class ImageJobOperator(Trellis2Operator):
+    """Base of the operators that send an image as a new job: one job at a time."""
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return cls.idle()
+
+
+class TRELLIS2_OT_generate(ImageJobOperator):
     """Turn an image into a textured object with the TRELLIS.2 backend"""
 
     bl_idname = "trellis2.generate"
     bl_label = "Generate"
     bl_options = {"UNDO"}  # no REGISTER: a redo panel would re-run the generation
     __annotations__ = {
-        "image_path": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
-                                     description="The image file to turn into an object"),
-        "image_name": StringProperty(name="Blender Image", options={"SKIP_SAVE"},
-                                     description="Name of an image already in Blender (instead of a file)"),
+        **image_annotations("The image file to turn into an object"),
         # Settings left unset take the preferences' defaults (the panel's button sets them all).
         **settings_annotations({"SKIP_SAVE"}),
     }
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        return cls.idle()
 
     def run(self, context: bpy.types.Context) -> set[str]:
         settings = given_settings(self, context)
@@ -137,7 +146,7 @@ class TRELLIS2_OT_generate(Trellis2Operator):
         return start(self, context, request, running.target_here(context, label, settings))
 
 
-class TRELLIS2_OT_texture(Trellis2Operator):
+class TRELLIS2_OT_texture(ImageJobOperator):
     """Texture the active mesh object from an image with the TRELLIS.2 backend (a new material; its geometry, UV
     maps and modifiers stay as they are)"""
 
@@ -147,16 +156,9 @@ class TRELLIS2_OT_texture(Trellis2Operator):
     __annotations__ = {
         "object_name": StringProperty(name="Object", options={"SKIP_SAVE"},
                                       description="The mesh object to texture (empty: the active object)"),
-        "image_path": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
-                                     description="The image whose look the object gets"),
-        "image_name": StringProperty(name="Blender Image", options={"SKIP_SAVE"},
-                                     description="Name of an image already in Blender (instead of a file)"),
+        **image_annotations("The image whose look the object gets"),
         **settings_annotations({"SKIP_SAVE"}, TEXTURE_FIELDS),
     }
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        return cls.idle()
 
     def run(self, context: bpy.types.Context) -> set[str]:
         settings = given_settings(self, context, TEXTURE_FIELDS)
