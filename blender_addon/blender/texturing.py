@@ -59,6 +59,9 @@ def chosen_object(context: bpy.types.Context, name: str) -> bpy.types.Object:
                          "Select a mesh object.")
     if obj.mode == "EDIT":
         raise AddonError(f"{obj.name} is in Edit Mode", "Switch to Object Mode (Tab) first.")
+    if not (obj.is_editable and obj.data.is_editable):
+        raise AddonError(f"{obj.name} or its mesh is linked from a library and cannot be changed",
+                         "Make it local first (Object > Relations > Make Local).")
     return obj
 
 

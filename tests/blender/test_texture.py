@@ -178,6 +178,22 @@ def test_modifiers_stay_and_the_evaluated_mesh_is_sent(scene, fake_backend, tmp_
     check_material(obj, uv_map)
 
 
+def test_shape_keys_stay_and_their_mix_is_sent(scene, fake_backend, tmp_path) -> None:
+    obj = cube(uvs=False)
+    obj.shape_key_add(name="Basis")
+    puff = obj.shape_key_add(name="Puff")
+    puff.data[0].co = (1.0, 1.0, 1.0)
+    puff.value = 0.5
+    puffed = np.empty(24, np.float32)
+    puff.data.foreach_get("co", puffed)
+    assert bpy.ops.trellis2.texture(image_path=image(tmp_path), **FAST) == {"FINISHED"}
+    after = np.empty(24, np.float32)
+    obj.data.shape_keys.key_blocks["Puff"].data.foreach_get("co", after)
+    assert np.array_equal(after, puffed) and len(bpy.data.shape_keys) == 1  # the unwrap's copy took its own along
+    assert np.array_equal(sent(fake_backend).mesh["positions"], evaluated_request_arrays(obj, "TRELLIS.2")[0])
+    assert sent(fake_backend).mesh["positions"][0] == pytest.approx([0.25, 0.25, 0.25])  # half way to the key
+
+
 def test_texturing_is_one_undo_step(scene, fake_backend, tmp_path) -> None:
     obj = cube(uvs=False)
     obj.data.materials.append(bpy.data.materials.new("Paint"))
@@ -245,6 +261,18 @@ def test_a_missing_object_or_image_is_reported(scene, fake_backend, tmp_path) ->
     with pytest.raises(RuntimeError, match="Give an image file or a Blender image, exactly one of them"):
         bpy.ops.trellis2.texture(object_name="Box")
     assert [layer.name for layer in bpy.data.objects["Box"].data.uv_layers] == ["UVMap"]
+
+
+def test_an_object_linked_from_a_library_is_reported(scene, fake_backend, tmp_path) -> None:
+    cube()
+    library = tmp_path / "library.blend"
+    bpy.ops.wm.save_as_mainfile(filepath=str(library))
+    bpy.ops.wm.read_homefile(use_empty=True)
+    with bpy.data.libraries.load(str(library), link=True) as (source, linked):
+        linked.objects = ["Box"]
+    bpy.context.scene.collection.objects.link(linked.objects[0])
+    with pytest.raises(RuntimeError, match="Box or its mesh is linked from a library.*Make Local"):
+        bpy.ops.trellis2.texture(object_name="Box", image_path=image(tmp_path))
 
 
 def test_a_backend_that_cannot_texture_is_reported_and_nothing_changes(scene, prefs, tmp_path) -> None:
