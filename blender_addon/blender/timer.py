@@ -27,8 +27,9 @@ TICK_BUSY_S, TICK_IDLE_S = 0.1, 0.5
 
 
 def _finish_in_ui(job: RemoteJob, target: Target | SurfaceTarget) -> None:
-    """Build (or texture) the finished job's object as one undo step and report the outcome in the status bar and the panel.
-    Outside any operator (this runs in the timer), so undo push and report go through a window's context."""
+    """Build (or texture) the finished job's object as one undo step and report the outcome in the status bar and
+    the panel. Outside any operator (this runs in the timer), so undo push and report go through a window's
+    context."""
     obj = None
     try:
         obj = complete(job, target)

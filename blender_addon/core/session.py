@@ -1,5 +1,6 @@
 """The add-on's session, free of bpy: the local backend process, the status monitor, the running job and where its
-outcome goes (a new object, or the surface of an existing one), and the last outcome shown in the panel. `blender/timer.py` drives it from Blender's main thread.
+outcome goes (a new object, or the surface of an existing one), and the last outcome shown in the panel.
+`blender/timer.py` drives it from Blender's main thread.
 
 Where the backend is comes from the preferences as a `BackendPlan`, read on the main thread (bpy must not be used
 from other threads); everything that connects or waits takes the plan, so it runs on any thread.
