@@ -43,6 +43,22 @@ def trellis2_preferences():
              "`python build_addon.py` (Preferences > Get Extensions > Install from Disk) and enable it")
 
 
+def export_glb(glb_dir: Path, name: str) -> None:
+    """The selected objects as glb_dir/<name>.glb."""
+    glb_dir.mkdir(parents=True, exist_ok=True)
+    glb = glb_dir / f"{name}.glb"
+    bpy.ops.export_scene.gltf(filepath=str(glb.absolute()), export_format="GLB", use_selection=True)
+    print(f"  wrote {glb}", flush=True)
+
+
+def save(output: Path, done: str, failed: list[str]) -> int:
+    """Write the .blend, say what was `done` and what `failed`; the exit status (1 if anything failed)."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(output.absolute()), compress=True)
+    print(f"wrote {output}: {done}" + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
+    return 1 if failed else 0
+
+
 def main() -> int:
     args = parse_args()
     prefs = trellis2_preferences()
@@ -63,15 +79,8 @@ def main() -> int:
             failed.append(image.name)
             continue
         if args.glb_dir:
-            args.glb_dir.mkdir(parents=True, exist_ok=True)
-            glb = args.glb_dir / f"{image.stem}.glb"
-            bpy.ops.export_scene.gltf(filepath=str(glb.absolute()), export_format="GLB", use_selection=True)
-            print(f"  wrote {glb}", flush=True)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    bpy.ops.wm.save_as_mainfile(filepath=str(args.output.absolute()), compress=True)
-    print(f"wrote {args.output}: {len(images) - len(failed)} of {len(images)} images"
-          + (f"; failed: {', '.join(failed)}" if failed else ""), flush=True)
-    return 1 if failed else 0
+            export_glb(args.glb_dir, image.stem)  # the new object is the selected one
+    return save(args.output, f"{len(images) - len(failed)} of {len(images)} images", failed)
 
 
 if __name__ == "__main__":

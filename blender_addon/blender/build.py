@@ -14,7 +14,8 @@ afterwards silently discards them.
 
 Material: Principled BSDF with base colour, metallic (blue) and roughness (green) from the glTF-layout texture, and
 the base colour's alpha always linked to Alpha, so transparency can be turned on later by the user:
-OPAQUE reads the image with alpha ignored, MASK passes alpha through a cutoff, BLEND renders blended.
+OPAQUE reads the image with alpha ignored, MASK passes alpha through a cutoff, BLEND renders blended. The same
+material textures an existing object (blender/texturing.py), then through a UV Map node naming the UV map used.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import bpy
 import numpy as np
 
-from ..core.result import MeshData, Texture
+from ..core.result import Material, MeshData, Texture
 
 FREE_NORMALS = bpy.app.version >= (4, 5, 0)
 
@@ -71,8 +72,11 @@ def build_image(name: str, texture: Texture, *, non_color: bool, ignore_alpha: b
     return image
 
 
-def build_material(name: str, data: MeshData, base_color: bpy.types.Image,
-                   metallic_roughness: bpy.types.Image) -> bpy.types.Material:
+def build_material(name: str, data: Material, uv_map: str | None = None) -> bpy.types.Material:
+    """The material with its two packed images; with `uv_map`, the images read that UV map (else the active one)."""
+    base_color = build_image(f"{name} base color", data.base_color, non_color=False,
+                             ignore_alpha=data.alpha_mode == "OPAQUE")
+    metallic_roughness = build_image(f"{name} metallic roughness", data.metallic_roughness, non_color=True)
     material = bpy.data.materials.new(name)
     if not material.node_tree:  # Blender < 5.0 creates materials without nodes
         material.use_nodes = True
@@ -93,6 +97,11 @@ def build_material(name: str, data: MeshData, base_color: bpy.types.Image,
     links.new(mr.outputs["Color"], split.inputs["Color"])
     links.new(split.outputs["Blue"], bsdf.inputs["Metallic"])  # glTF: B = metallic, G = roughness
     links.new(split.outputs["Green"], bsdf.inputs["Roughness"])
+    if uv_map is not None:
+        uv = nodes.new("ShaderNodeUVMap")
+        uv.uv_map, uv.location = uv_map, (-1000, 50)
+        links.new(uv.outputs["UV"], base.inputs["Vector"])
+        links.new(uv.outputs["UV"], mr.inputs["Vector"])
     if data.alpha_mode == "MASK":
         cutoff = nodes.new("ShaderNodeMath")
         cutoff.operation, cutoff.location, cutoff.label = "GREATER_THAN", (-350, 100), "Alpha Cutoff"
@@ -109,11 +118,8 @@ def build_material(name: str, data: MeshData, base_color: bpy.types.Image,
 def build_object(name: str, data: MeshData, *, view_layer: bpy.types.ViewLayer, collection: bpy.types.Collection,
                  location: tuple[float, float, float]) -> bpy.types.Object:
     """The finished object at `location`, linked into `collection`, the only selected object and the active one."""
-    base_color = build_image(f"{name} base color", data.base_color, non_color=False,
-                             ignore_alpha=data.alpha_mode == "OPAQUE")
-    metallic_roughness = build_image(f"{name} metallic roughness", data.metallic_roughness, non_color=True)
     mesh = build_mesh(name, data)
-    mesh.materials.append(build_material(name, data, base_color, metallic_roughness))
+    mesh.materials.append(build_material(name, data.material))
     obj = bpy.data.objects.new(name, mesh)
     obj.location = location
     collection.objects.link(obj)

@@ -8,8 +8,8 @@ from typing import Any
 
 import bpy
 
-from ..core.settings import USE_ADVANCED, in_section
-from ..protocol.settings import GENERATE
+from ..core.settings import USE_ADVANCED, in_section, request_fields
+from ..protocol.settings import GENERATE, TEXTURE
 
 HIDDEN_UNLESS = {"alpha_cutoff": ("alpha_mode", "MASK"), "remesh_band": ("remesh", True)}
 
@@ -52,9 +52,17 @@ def draw_advanced(layout: bpy.types.UILayout, holder: Any, extras: Any = (), req
             col.prop(item, f"{item.kind}_value", text=item.label)
 
 
+def draw_texturing(layout: bpy.types.UILayout, holder: Any) -> None:
+    """The settings only texture requests take (the others are shared with generation)."""
+    for s in request_fields(TEXTURE).values():
+        if GENERATE not in s.requests and s is not USE_ADVANCED:
+            layout.prop(holder, s.name)
+
+
 def draw_settings(layout: bpy.types.UILayout, holder: Any) -> None:
     """Every setting in its section, all at once (the preferences; the panel folds the sections)."""
-    for title, draw in (("Generation", draw_main), ("Asset", draw_asset), ("Advanced", draw_advanced)):
+    for title, draw in (("Generation", draw_main), ("Asset", draw_asset), ("Texturing", draw_texturing),
+                        ("Advanced", draw_advanced)):
         col = layout.column()
         col.label(text=title)
         draw(col, holder)

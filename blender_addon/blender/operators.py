@@ -1,6 +1,7 @@
-"""Operators. `bpy.ops.trellis2.generate(image_path=..., **settings)` is also the scripting and batch API: under
-`blender -b` it returns once the object exists (it is then the active object); in the UI it returns at once and the
-object appears when the backend is done.
+"""Operators. `bpy.ops.trellis2.generate(image_path=..., **settings)` and `bpy.ops.trellis2.texture(object_name=...,
+image_path=..., **settings)` are also the scripting and batch API: under `blender -b` they return once the object
+exists or is textured (a generated object is then the active object); in the UI they return at once and the result
+appears when the backend is done.
 
 Every failure is reported as `TRELLIS.2: <what happened>. <what to do>` through `self.report`, never a traceback.
 """
@@ -14,15 +15,19 @@ from bpy.props import EnumProperty, IntProperty, StringProperty
 
 from ..core import settings as core_settings
 from ..core.errors import AddonError, user_error
-from ..core.remote_job import RemoteJob
-from ..core.session import LOCAL, progress_printer
-from ..protocol import Generate, Reprocess, image_info
-from ..protocol.settings import GENERATE, REPROCESS, SEED_MAX
+from ..core.remote_job import ReadResult, RemoteJob, read_asset
+from ..core.session import LOCAL, SurfaceTarget, Target, progress_printer
+from ..core.texturing import result_reader, texture_request
+from ..protocol import Generate, Reprocess, Request, image_info
+from ..protocol.settings import GENERATE, REPROCESS, SEED_MAX, TEXTURE
 from . import running
 from .preferences import preferences
 from .properties import settings_annotations, settings_of
 from .running import session
+from .texturing import chosen_object, surface_of
 from .timer import load_defaults
+
+TEXTURE_FIELDS = core_settings.request_fields(TEXTURE)
 
 
 def read_image_file(path: str) -> tuple[bytes, str]:
@@ -55,11 +60,35 @@ def read_blender_image(image: bpy.types.Image) -> tuple[bytes, str]:
             bpy.data.images.remove(copy)
 
 
-def start(op: bpy.types.Operator, context: bpy.types.Context, label: str, request, settings: dict) -> set[str]:
-    """Send `request` to the backend the preferences name, as a job whose object goes to the 3D cursor."""
-    job = RemoteJob(label, session.connector(preferences(context).backend_plan(connecting=True)), request=request,
+def chosen_image(image_path: str, image_name: str) -> tuple[bytes, str]:
+    """The image an operator was given (a file or a Blender image, exactly one): its bytes and label."""
+    if bool(image_path) == bool(image_name):
+        raise AddonError("Give an image file or a Blender image, exactly one of them",
+                         "Pick an image in the TRELLIS.2 panel, or pass image_path= or image_name=.")
+    if image_path:
+        image, label = read_image_file(image_path)
+    elif image_name in bpy.data.images:
+        image, label = read_blender_image(bpy.data.images[image_name])
+    else:
+        raise AddonError(f"There is no Blender image named {image_name!r}", "Pick an existing image.")
+    image_info(image)  # InvalidImage, with its hint, for anything but PNG, JPEG, WebP, BMP and TIFF
+    return image, label
+
+
+def start(op: bpy.types.Operator, context: bpy.types.Context, request: Request, target: Target | SurfaceTarget,
+          read_result: ReadResult = read_asset) -> set[str]:
+    """Send `request` to the backend the preferences name, as a job whose outcome goes to `target`."""
+    job = RemoteJob(target.label, session.connector(preferences(context).backend_plan(connecting=True)),
+                    request=request, read_result=read_result,
                     on_event=progress_printer() if bpy.app.background else None)
-    return running.launch(op, job, running.target_here(context, label, settings))
+    return running.launch(op, job, target)
+
+
+def given_settings(op: bpy.types.Operator, context: bpy.types.Context,
+                   fields: dict = core_settings.FIELDS) -> dict:
+    """The operator's settings: those it was given over the preferences' defaults."""
+    given = {name: value for name, value in settings_of(op, fields).items() if op.properties.is_property_set(name)}
+    return core_settings.resolve(given, settings_of(preferences(context).defaults))
 
 
 class Trellis2Operator(bpy.types.Operator):
@@ -81,42 +110,64 @@ class Trellis2Operator(bpy.types.Operator):
         return True
 
 
-class TRELLIS2_OT_generate(Trellis2Operator):
+def image_annotations(purpose: str) -> dict:
+    """The image_path / image_name properties of an operator that sends an image."""
+    return {"image_path": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
+                                         description=purpose),
+            "image_name": StringProperty(name="Blender Image", options={"SKIP_SAVE"},
+                                         description="Name of an image already in Blender (instead of a file)")}
+
+
+class ImageJobOperator(Trellis2Operator):
+    """Base of the operators that send an image as a new job: one job at a time."""
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return cls.idle()
+
+
+class TRELLIS2_OT_generate(ImageJobOperator):
     """Turn an image into a textured object with the TRELLIS.2 backend"""
 
     bl_idname = "trellis2.generate"
     bl_label = "Generate"
     bl_options = {"UNDO"}  # no REGISTER: a redo panel would re-run the generation
     __annotations__ = {
-        "image_path": StringProperty(name="Image File", subtype="FILE_PATH", options={"SKIP_SAVE"},
-                                     description="The image file to turn into an object"),
-        "image_name": StringProperty(name="Blender Image", options={"SKIP_SAVE"},
-                                     description="Name of an image already in Blender (instead of a file)"),
+        **image_annotations("The image file to turn into an object"),
         # Settings left unset take the preferences' defaults (the panel's button sets them all).
         **settings_annotations({"SKIP_SAVE"}),
     }
 
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        return cls.idle()
-
     def run(self, context: bpy.types.Context) -> set[str]:
-        prefs = preferences(context)
-        given = {name: value for name, value in settings_of(self).items() if self.properties.is_property_set(name)}
-        settings = core_settings.resolve(given, settings_of(prefs.defaults))
-        if bool(self.image_path) == bool(self.image_name):
-            raise AddonError("Give an image file or a Blender image, exactly one of them",
-                             "Pick an image in the TRELLIS.2 panel, or pass image_path= or image_name=.")
-        if self.image_path:
-            image, label = read_image_file(self.image_path)
-        elif self.image_name in bpy.data.images:
-            image, label = read_blender_image(bpy.data.images[self.image_name])
-        else:
-            raise AddonError(f"There is no Blender image named {self.image_name!r}", "Pick an existing image.")
-        image_info(image)  # InvalidImage, with its hint, for anything but PNG, JPEG, WebP, BMP and TIFF
+        settings = given_settings(self, context)
+        image, label = chosen_image(self.image_path, self.image_name)
         extras = {item.name: item.value for item in context.scene.trellis2.extras}
         request = Generate(image, core_settings.request_settings(settings, GENERATE, extras))
-        return start(self, context, label, request, settings)
+        return start(self, context, request, running.target_here(context, label, settings))
+
+
+class TRELLIS2_OT_texture(ImageJobOperator):
+    """Texture the active mesh object from an image with the TRELLIS.2 backend (a new material; its geometry, UV
+    maps and modifiers stay as they are)"""
+
+    bl_idname = "trellis2.texture"
+    bl_label = "Texture Selected"
+    bl_options = {"UNDO"}  # no REGISTER: a redo panel would re-run the texturing
+    __annotations__ = {
+        "object_name": StringProperty(name="Object", options={"SKIP_SAVE"},
+                                      description="The mesh object to texture (empty: the active object)"),
+        **image_annotations("The image whose look the object gets"),
+        **settings_annotations({"SKIP_SAVE"}, TEXTURE_FIELDS),
+    }
+
+    def run(self, context: bpy.types.Context) -> set[str]:
+        settings = given_settings(self, context, TEXTURE_FIELDS)
+        obj = chosen_object(context, self.object_name)
+        image, _ = chosen_image(self.image_path, self.image_name)
+        surface = surface_of(context, obj)
+        request = texture_request(image, surface.positions, surface.triangles, surface.corner_uvs,
+                                  core_settings.request_settings(settings, TEXTURE))
+        return start(self, context, request, surface.target, result_reader(request))
 
 
 class RecentOperator(Trellis2Operator):
@@ -160,7 +211,7 @@ class TRELLIS2_OT_reprocess(RecentOperator):
         asset = {s.name: panel[s.name] for s in core_settings.in_section("asset", REPROCESS)}
         settings = core_settings.resolve({**item.settings, **asset})
         request = Reprocess(item.job_id, core_settings.request_settings(settings, REPROCESS))
-        return start(self, context, item.name, request, settings)
+        return start(self, context, request, running.target_here(context, item.name, settings))
 
 
 class TRELLIS2_OT_cancel(bpy.types.Operator):
@@ -248,6 +299,6 @@ class TRELLIS2_OT_report(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (TRELLIS2_OT_generate, TRELLIS2_OT_reimport, TRELLIS2_OT_reprocess, TRELLIS2_OT_cancel,
+CLASSES = (TRELLIS2_OT_generate, TRELLIS2_OT_texture, TRELLIS2_OT_reimport, TRELLIS2_OT_reprocess, TRELLIS2_OT_cancel,
            TRELLIS2_OT_randomize_seed, TRELLIS2_OT_load_defaults, TRELLIS2_OT_start_backend,
            TRELLIS2_OT_stop_backend, TRELLIS2_OT_report)

@@ -1,5 +1,6 @@
 """The TRELLIS.2 tab of the 3D viewport's sidebar: backend status, image with preview, settings, Generate with a
-live progress bar and Cancel, and the recent results (re-import, re-process with the current asset settings)."""
+live progress bar and Cancel, Texture Selected (the active mesh object textured from the same image, with the
+texturing settings), and the recent results (re-import, re-process with the current asset settings)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import bpy.utils.previews
 
 from ..core.remote_job import RemoteJob
 from ..core.session import LOCAL
-from ..core.settings import FIELDS
+from ..core.settings import FIELDS, request_fields
+from ..protocol.settings import TEXTURE
 from .drawing import draw_advanced, draw_asset, draw_main
 from .preferences import Trellis2Preferences, preferences
 from .running import session
@@ -49,7 +51,7 @@ class TRELLIS2_PT_main(SidebarPanel, bpy.types.Panel):
         if job is not None and not job.done:
             draw_progress(layout, job)
         else:
-            draw_generate_button(layout, state)
+            draw_job_button(layout, state, "trellis2.generate", "MESH_MONKEY", FIELDS)
         if session.message is not None:
             level, text = session.message
             box = layout.box().column(align=True)
@@ -81,17 +83,20 @@ def draw_image(layout: bpy.types.UILayout, state) -> None:
         col.template_icon(icon_value=icon, scale=6.0)
 
 
-def draw_generate_button(layout: bpy.types.UILayout, state) -> None:
+def draw_job_button(layout: bpy.types.UILayout, state, idname: str, icon: str, fields, ready: bool = True):
+    """A big button for operator `idname`, carrying the panel's image and its `fields` of the settings; enabled
+    while an image is chosen and `ready`."""
     row = layout.row()
     row.scale_y = 1.5
-    op = row.operator("trellis2.generate", icon="MESH_MONKEY")
-    for name in FIELDS:
+    op = row.operator(idname, icon=icon)
+    for name in fields:
         setattr(op, name, getattr(state.settings, name))
     if state.image_source == "FILE":
         op.image_path = state.image_path
     elif state.image is not None:
         op.image_name = state.image.name
-    row.enabled = bool(op.image_path or op.image_name)
+    row.enabled = ready and bool(op.image_path or op.image_name)
+    return op
 
 
 def draw_progress(layout: bpy.types.UILayout, job: RemoteJob) -> None:
@@ -123,6 +128,36 @@ class TRELLIS2_PT_advanced(SidebarPanel, bpy.types.Panel):
         self.layout.operator("trellis2.load_defaults", icon="LOOP_BACK")
 
 
+class TRELLIS2_PT_texture(SidebarPanel, bpy.types.Panel):
+    bl_idname = "TRELLIS2_PT_texture"
+    bl_label = "Texture Selected"
+    bl_parent_id = "TRELLIS2_PT_main"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        state = context.scene.trellis2
+        obj = context.view_layer.objects.active if context.view_layer else None
+        is_mesh = obj is not None and obj.type == "MESH"
+        col = layout.column(align=True)
+        if is_mesh:
+            col.label(text=obj.name, icon="OUTLINER_OB_MESH")
+        else:
+            col.label(text="Select a mesh object", icon="ERROR")
+        image = Path(bpy.path.abspath(state.image_path)).name if state.image_source == "FILE" else (
+            state.image.name if state.image is not None else "")
+        col.label(text=image or "Pick an image above", icon="IMAGE_DATA" if image else "ERROR")
+        col = layout.column()
+        col.use_property_split = True
+        draw_main(col, state.settings, seed_button=True, request=TEXTURE)
+        draw_asset(col, state.settings, request=TEXTURE)
+        job = session.job
+        if job is not None and not job.done:
+            draw_progress(layout, job)
+        else:
+            op = draw_job_button(layout, state, "trellis2.texture", "TEXTURE", request_fields(TEXTURE), is_mesh)
+            op.object_name = obj.name if is_mesh else ""
+
+
 class TRELLIS2_UL_recent(bpy.types.UIList):
     def draw_item(self, context, layout, data, item, icon, active_data, active_property, index=0, flt_flag=0):
         layout.label(text=item.name, icon="OBJECT_DATA")
@@ -142,7 +177,8 @@ class TRELLIS2_PT_recent(SidebarPanel, bpy.types.Panel):
         row.operator("trellis2.reprocess", icon="MODIFIER").index = state.recent_index
 
 
-CLASSES = (TRELLIS2_PT_main, TRELLIS2_PT_asset, TRELLIS2_PT_advanced, TRELLIS2_UL_recent, TRELLIS2_PT_recent)
+CLASSES = (TRELLIS2_PT_main, TRELLIS2_PT_asset, TRELLIS2_PT_advanced, TRELLIS2_PT_texture, TRELLIS2_UL_recent,
+           TRELLIS2_PT_recent)
 
 
 def register() -> None:

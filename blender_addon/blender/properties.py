@@ -31,14 +31,15 @@ def _property(setting: Setting, options: set[str]) -> Any:
     return StringProperty(**common)
 
 
-def settings_annotations(options: set[str]) -> dict[str, Any]:
-    """One bpy property per settings field; `options` e.g. {'SKIP_SAVE'} for operator properties."""
-    return {name: _property(setting, options) for name, setting in core_settings.FIELDS.items()}
+def settings_annotations(options: set[str], fields: Mapping[str, Setting] = core_settings.FIELDS) -> dict[str, Any]:
+    """One bpy property per settings field (default: all of them); `options` e.g. {'SKIP_SAVE'} for operator
+    properties."""
+    return {name: _property(setting, options) for name, setting in fields.items()}
 
 
-def settings_of(holder: Any) -> dict[str, Any]:
-    """The settings values of a SettingsGroup or an operator, in the schema's own types."""
-    return {name: core_settings.from_blender(s, getattr(holder, name)) for name, s in core_settings.FIELDS.items()}
+def settings_of(holder: Any, fields: Mapping[str, Setting] = core_settings.FIELDS) -> dict[str, Any]:
+    """The settings values of a SettingsGroup or an operator (of the `fields` it holds), in the schema's types."""
+    return {name: core_settings.from_blender(s, getattr(holder, name)) for name, s in fields.items()}
 
 
 def set_settings(holder: Any, values: Mapping[str, Any]) -> None:

@@ -12,13 +12,13 @@ import bpy
 
 from ..core.errors import user_error
 from ..core.remote_job import RemoteJob
-from ..core.session import Target
+from ..core.session import SurfaceTarget, Target
 from ..core.settings import unknown_settings
 from ..protocol import Schema
 from ..protocol.settings import GENERATE
 from .preferences import preferences
 from .properties import set_settings, settings_of, sync_extra_settings
-from .running import complete, session
+from .running import complete, session, summary
 
 log = logging.getLogger(__name__)
 
@@ -26,13 +26,14 @@ CATEGORY = "TRELLIS.2"  # the sidebar tab
 TICK_BUSY_S, TICK_IDLE_S = 0.1, 0.5
 
 
-def _finish_in_ui(job: RemoteJob, target: Target) -> None:
-    """Build the finished job's object as one undo step and report the outcome in the status bar and the panel.
-    Outside any operator (this runs in the timer), so undo push and report go through a window's context."""
+def _finish_in_ui(job: RemoteJob, target: Target | SurfaceTarget) -> None:
+    """Build (or texture) the finished job's object as one undo step and report the outcome in the status bar and
+    the panel. Outside any operator (this runs in the timer), so undo push and report go through a window's
+    context."""
     obj = None
     try:
         obj = complete(job, target)
-        session.message = ("INFO", f"built {obj.name}" if obj else f"{target.label} was cancelled")
+        session.message = ("INFO", summary(job, obj) if obj else f"{target.label} was cancelled")
     except Exception as exc:
         session.message = ("ERROR", str(user_error(exc)))
     window = next(iter(bpy.context.window_manager.windows), None)

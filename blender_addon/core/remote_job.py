@@ -1,12 +1,13 @@
-"""One job on the backend (a generate or reprocess request, or a re-import of a stored result) and what the user
-sees of it.
+"""One job on the backend (a generate, reprocess or texture request, or a re-import of a stored result) and what the
+user sees of it.
 
 The work (connecting, maybe starting the local backend, submitting, waiting, checking and converting the result)
 runs either in a worker thread, which hands its events to the main thread through a queue (`start` + `drain`, for
 Blender's UI, which must never block), or right on the calling thread (`run_here`, for `blender -b`, where timers
 never fire). Either way the events are handled by the same code on the thread that owns the RemoteJob, so its state
 is only ever touched there. The worker owns its own protocol Client (zmq sockets must stay on one thread).
-Cancel is sent to the server, which stops the job at its next step.
+Cancel is sent to the server, which stops the job at its next step. The job's `read_result` checks and converts
+its Result on the worker thread (a generated asset's MeshData by default; core/texturing.py reads texture results).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from .errors import AddonError, user_error
 from .result import MeshData, mesh_data
 
 Connect = Callable[[Say], Client]  # opens a Client (starting the local backend if that is the set-up)
+ReadResult = Callable[[Result], Any]  # a Result checked and converted (AddonError if it breaks the contract)
 POLL_MS = 100  # how long the worker waits for a message before looking at the cancel flag again
 
 RUNNING, DONE, FAILED, CANCELLED = "running", "done", "failed", "cancelled"
@@ -43,21 +45,35 @@ class JobStatus:
         return f"{self.stage.replace('_', ' ')}{steps}" + (f": {self.message}" if self.message else "")
 
 
+def read_asset(result: Result) -> MeshData:
+    """A generated asset's Result (generate, reprocess, re-import) as the mesh Blender builds."""
+    return mesh_data(result.mesh, result.textures, result.metadata)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The worker's last event of a job that ended with a result: what `read_result` made of it."""
+
+    outcome: Any
+
+
 class RemoteJob:
     def __init__(self, label: str, connect: Connect, *, request: Request | None = None,
-                 fetch_job_id: str | None = None, on_event: Callable[[RemoteJob], None] | None = None) -> None:
+                 fetch_job_id: str | None = None, read_result: ReadResult = read_asset,
+                 on_event: Callable[[RemoteJob], None] | None = None) -> None:
         """Submit `request`, or (with `fetch_job_id`) collect a finished job's result again.
         `on_event(job)` runs on the owning thread after every handled event (progress printing, redraws)."""
         if (request is None) == (fetch_job_id is None):
             raise ValueError("a RemoteJob submits a request or fetches a job id, exactly one of them")
         self.label = label
         self._connect, self._request, self._fetch_job_id, self._on_event = connect, request, fetch_job_id, on_event
+        self._read_result = read_result
         self._events: queue.SimpleQueue = queue.SimpleQueue()
         self._cancel = threading.Event()
         self.state = RUNNING
         self.status = JobStatus()
         self.job_id: str | None = fetch_job_id
-        self.mesh: MeshData | None = None
+        self.outcome: Any = None  # what read_result made of the Result, once DONE
         self.error: AddonError | None = None
 
     # -- owner's side --------------------------------------------------------------------------
@@ -90,7 +106,7 @@ class RemoteJob:
     def done(self) -> bool:
         return self.state != RUNNING
 
-    def _handle(self, event: Message | MeshData | AddonError | str) -> None:
+    def _handle(self, event: Message | Finished | AddonError | str) -> None:
         if isinstance(event, str):
             self.status = JobStatus(event, fraction=self.status.fraction)
         elif isinstance(event, Accepted):
@@ -99,8 +115,8 @@ class RemoteJob:
                                     message=f"{event.queue_position} job(s) ahead" if event.queue_position else "")
         elif isinstance(event, Progress):
             self.status = JobStatus(event.stage, event.step, event.total, event.fraction, event.message)
-        elif isinstance(event, MeshData):
-            self.mesh, self.state = event, DONE
+        elif isinstance(event, Finished):
+            self.outcome, self.state = event.outcome, DONE
             self.status = JobStatus("done", fraction=1.0)
         elif isinstance(event, Cancelled):
             self.state, self.status = CANCELLED, JobStatus("cancelled")
@@ -144,11 +160,10 @@ class RemoteJob:
                 client.cancel(job_id)
             raise
 
-    @staticmethod
-    def _finish(msg: Message, emit: Callable[[Any], None]) -> None:
+    def _finish(self, msg: Message, emit: Callable[[Any], None]) -> None:
         if isinstance(msg, Result):
             emit("reading result")
-            emit(mesh_data(msg.mesh, msg.textures, msg.metadata))
+            emit(Finished(self._read_result(msg)))
         elif isinstance(msg, Error):
             emit(user_error(msg.to_exception()))
         else:

@@ -1,5 +1,6 @@
 """The add-on's session, free of bpy: the local backend process, the status monitor, the running job and where its
-object goes, and the last outcome shown in the panel. `blender/timer.py` drives it from Blender's main thread.
+outcome goes (a new object, or the surface of an existing one), and the last outcome shown in the panel.
+`blender/timer.py` drives it from Blender's main thread.
 
 Where the backend is comes from the preferences as a `BackendPlan`, read on the main thread (bpy must not be used
 from other threads); everything that connects or waits takes the plan, so it runs on any thread.
@@ -11,6 +12,8 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
+
+import numpy as np
 
 from .connection import Connection, Say
 from .errors import user_error
@@ -43,12 +46,23 @@ class Target:
     remember: bool = True  # False for a re-import, which is already among the recent results
 
 
+@dataclass(frozen=True, eq=False)  # eq=False: an array field has no truth value
+class SurfaceTarget:
+    """The existing object a texture job paints, and its UV map the textures were baked into; captured when the
+    job starts. A UV map the add-on made for the job is only written when the textures arrive (one undo step,
+    nothing left behind by a failed or cancelled job): `new_uvs` holds it per corner of the object's own mesh."""
+
+    label: str  # the object's name
+    uv_map: str  # the UV map whose UVs were sent
+    new_uvs: np.ndarray | None = None  # float32 [corners, 2] of the base mesh: the UV map to make; None: it exists
+
+
 class Session:
     def __init__(self) -> None:
         self.backend = LocalBackend()
         self.monitor: StatusMonitor | None = None
         self.job: RemoteJob | None = None
-        self.target: Target | None = None
+        self.target: Target | SurfaceTarget | None = None
         self.message: tuple[str, str] | None = None  # (level, text) of the last outcome, shown in the panel
         self.shown_status: BackendStatus | None = None
 

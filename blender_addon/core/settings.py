@@ -19,11 +19,16 @@ USE_ADVANCED = Setting("use_advanced", "bool", False, "Use Advanced Settings",
 FIELDS: dict[str, Setting] = {**{s.name: s for s in SETTINGS.settings}, USE_ADVANCED.name: USE_ADVANCED}
 
 
+def request_fields(request: str) -> dict[str, Setting]:
+    """The fields a `request` takes, in the schema's order, and the add-on's own switch (a texture operator's
+    properties, say)."""
+    return {name: s for name, s in FIELDS.items() if request in s.requests or s is USE_ADVANCED}
+
+
 def in_section(section: str, request: str | None = None) -> tuple[Setting, ...]:
     """The fields shown in `section`, in the schema's order; with `request`, only those it takes (the add-on's
     own switch always shows)."""
-    return tuple(s for s in FIELDS.values()
-                 if s.section == section and (request is None or request in s.requests or s is USE_ADVANCED))
+    return tuple(s for s in (FIELDS if request is None else request_fields(request)).values() if s.section == section)
 
 
 def defaults() -> dict[str, Value]:

@@ -76,12 +76,12 @@ def test_a_result_becomes_per_corner_uvs_and_bottom_up_float_pixels() -> None:
     assert data.positions.dtype == np.float32 and data.corner_verts.dtype == np.int32
     assert data.face_count == 18 and np.array_equal(data.corner_verts, mesh["indices"].reshape(-1))
     assert np.array_equal(data.corner_uvs, mesh["uvs"][mesh["indices"].reshape(-1)])
-    pixels = data.base_color.pixels.reshape(8, 8, 4)
+    pixels = data.material.base_color.pixels.reshape(8, 8, 4)
     assert np.allclose(pixels[0, 0, :3], np.array(synthetic.BLUE) / 255)  # Blender's row 0 is the bottom (v = 0)
     assert np.allclose(pixels[-1, 0, :3], np.array(synthetic.RED) / 255)
-    mr = data.metallic_roughness.pixels.reshape(8, 8, 4)
+    mr = data.material.metallic_roughness.pixels.reshape(8, 8, 4)
     assert np.allclose(mr[..., 3], 1.0) and np.allclose(mr[0, 0, 1:3], [128 / 255, 1.0])
-    assert (data.alpha_mode, data.alpha_cutoff, data.double_sided) == ("MASK", 0.5, False)
+    assert (data.material.alpha_mode, data.material.alpha_cutoff, data.material.double_sided) == ("MASK", 0.5, False)
 
 
 def test_degenerate_triangles_are_dropped() -> None:
@@ -170,7 +170,7 @@ def test_a_threaded_job_reports_progress_and_delivers_the_converted_result(serve
     job = make_job(fake.address, on_event=lambda j: seen.append((j.status.stage, j.status.step)))
     job.start()
     wait(job)
-    assert job.state == "done" and job.job_id == "job-1" and job.mesh.face_count == 18
+    assert job.state == "done" and job.job_id == "job-1" and job.outcome.face_count == 18
     assert [s for s in seen if s[0] == "shape"] == [("shape", 1), ("shape", 2), ("shape", 3)]
     submitted = next(m for m in fake.received if isinstance(m, wire.Generate))
     assert submitted.settings == {"seed": 1}
@@ -232,7 +232,7 @@ def test_a_fetch_job_collects_a_stored_result_on_the_calling_thread(server) -> N
     fake = server(backend_handler())
     job = make_job(fake.address, request=None, fetch_job_id="job-7")
     job.run_here()
-    assert job.state == "done" and job.job_id == "job-7" and job.mesh.face_count == 18
+    assert job.state == "done" and job.job_id == "job-7" and job.outcome.face_count == 18
     assert any(isinstance(m, wire.Fetch) and m.job_id == "job-7" for m in fake.received)
 
 

@@ -63,11 +63,33 @@ def addon(extension_zip: Path) -> ModuleType:
 
 @pytest.fixture
 def scene(addon: ModuleType) -> bpy.types.Scene:
-    """An empty scene (add-ons stay enabled), backend preferences reset, no job or message in the session."""
+    """An empty scene (add-ons stay enabled), backend preferences reset, no job, message or status monitor (a
+    timer tick of an earlier test starts one) in the session."""
     bpy.ops.wm.read_homefile(use_empty=True)
     prefs = bpy.context.preferences.addons[PACKAGE].preferences
     for name in ("backend_mode", "backend_python", "weights", "server_address", "server_key"):
         prefs.property_unset(name)
     session = addon_module("blender.running").session
-    session.job = session.target = session.message = None
+    session.job = session.target = session.message = session.shown_status = None
+    if session.monitor is not None:
+        session.monitor.stop()
+        session.monitor = None
     return bpy.context.scene
+
+
+@pytest.fixture
+def prefs(scene):
+    return bpy.context.preferences.addons[PACKAGE].preferences
+
+
+@pytest.fixture
+def fake_backend(prefs):
+    """A fake backend that finishes every job (tests/addon_core/addon_fakes.py), set as the remote server in the
+    preferences."""
+    from addon_fakes import backend_handler
+    from protocol_fakes import FakeServer
+
+    server = FakeServer(backend_handler())
+    prefs.backend_mode, prefs.server_address = "REMOTE", server.address
+    yield server
+    server.stop()

@@ -1,8 +1,8 @@
 """End to end against a real backend process on loopback with the tiny checkpoint: the installed extension starts
 `.venv/bin/python -m backend serve` itself (local mode), the operator runs synchronously as under `blender -b`, and
 the object is checked, saved and reloaded; then re-process, re-import, cancel reaching the server mid-job, a dying
-backend and missing weights. `./trellis2 generate`'s driver is run the same way. Skipped, with the reason, while the
-backend cannot serve. TRELLIS2_BACKEND_PYTHON points the tests at another backend environment (e.g. a conda one).
+backend and missing weights; and Texture Selected on objects with and without UVs, once the backend offers it.
+`./trellis2 generate`'s driver is run the same way. Skipped, with the reason, while the backend cannot serve. TRELLIS2_BACKEND_PYTHON points the tests at another backend environment (e.g. a conda one).
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ import time
 from pathlib import Path
 
 import bpy
+import numpy as np
 import pytest
 
+import protocol as wire
 import synthetic
 from conftest import PACKAGE, ROOT, addon_module
 from test_build import ALPHA_LINK, BASE_LINKS, links
@@ -141,6 +143,52 @@ def test_missing_weights_are_reported_with_the_backends_hint(local_backend, tmp_
         bpy.ops.trellis2.generate(image_path=subject(tmp_path, "ghost"), **FAST)
     assert "no-weights-here" in str(info.value) and "[model_not_ready]" in str(info.value)
     assert "Traceback" not in str(info.value)
+
+
+def require_texturing(prefs) -> None:
+    """Skip unless the local backend runs texture requests: its info, once its models are loaded, lists "texture"
+    among its capabilities."""
+    session = addon_module("blender.running").session
+    address = session.start_local(prefs.backend_plan(connecting=True), lambda text: None)
+    deadline = time.monotonic() + 120
+    with addon_module("core.connection").Connection(address).client() as client:
+        info = client.hello()
+        loading = (wire.ModelStatus.NOT_LOADED, wire.ModelStatus.LOADING)
+        while info.model_status in loading and time.monotonic() < deadline:
+            time.sleep(0.5)
+            info = client.info(refresh=True)
+    assert info.model_status == wire.ModelStatus.READY, info
+    offered = info.capabilities
+    if "texture" not in offered:
+        pytest.skip(f"the backend does not run texture requests yet (it offers {', '.join(offered)})")
+
+
+@pytest.mark.parametrize("with_uvs", [True, False])
+def test_texture_selected_with_a_real_backend(local_backend, tmp_path: Path, with_uvs: bool) -> None:
+    require_texturing(local_backend)
+    bpy.ops.mesh.primitive_cube_add(size=1.0, calc_uvs=with_uvs)
+    obj = bpy.context.view_layer.objects.active
+    obj.modifiers.new("Subdivision", "SUBSURF").levels = 1
+    co = np.empty(3 * len(obj.data.vertices), np.float32)
+    obj.data.vertices.foreach_get("co", co)
+    uvs = np.empty(2 * len(obj.data.loops), np.float32)
+    if with_uvs:
+        obj.data.uv_layers["UVMap"].uv.foreach_get("vector", uvs)
+    assert bpy.ops.trellis2.texture(object_name=obj.name, image_path=subject(tmp_path, "look"), resolution="512",
+                                    texture_size="256", use_advanced=True, texture_steps=2) == {"FINISHED"}
+    after = np.empty_like(co)
+    obj.data.vertices.foreach_get("co", after)
+    assert np.array_equal(after, co) and [m.type for m in obj.modifiers] == ["SUBSURF"]
+    uv_map = "UVMap" if with_uvs else "TRELLIS.2"
+    assert [layer.name for layer in obj.data.uv_layers] == [uv_map]
+    if with_uvs:
+        kept = np.empty_like(uvs)
+        obj.data.uv_layers["UVMap"].uv.foreach_get("vector", kept)
+        assert np.array_equal(kept, uvs)
+    material = obj.material_slots[0].material
+    assert material.node_tree.nodes["Principled BSDF"].inputs["Alpha"].is_linked and links(material) >= BASE_LINKS
+    images = [n.image for n in material.node_tree.nodes if n.bl_idname == "ShaderNodeTexImage"]
+    assert all(i.packed_file is not None and tuple(i.size) == (256, 256) for i in images) and len(images) == 2
 
 
 def test_trellis2_generate_driver_with_a_local_backend(tiny_weights: Path, tmp_path: Path) -> None:

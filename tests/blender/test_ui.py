@@ -10,11 +10,10 @@ from types import SimpleNamespace
 
 import bpy
 import pytest
-from protocol_fakes import FakeServer, png_bytes
+from protocol_fakes import png_bytes
 
 import protocol as wire
-from conftest import PACKAGE, addon_module
-from addon_fakes import backend_handler
+from conftest import addon_module
 
 
 class FakeLayout:
@@ -48,20 +47,6 @@ def draw(panel: str) -> FakeLayout:
     layout = FakeLayout()
     getattr(bpy.types, panel).draw(SimpleNamespace(layout=layout), bpy.context)
     return layout
-
-
-@pytest.fixture
-def prefs(scene):
-    return bpy.context.preferences.addons[PACKAGE].preferences
-
-
-@pytest.fixture
-def fake_backend(prefs):
-    """A fake backend that finishes every job, set as the remote server in the preferences."""
-    server = FakeServer(backend_handler())
-    prefs.backend_mode, prefs.server_address = "REMOTE", server.address
-    yield server
-    server.stop()
 
 
 def image_file(tmp_path: Path, name: str = "chair.png") -> str:
@@ -134,8 +119,8 @@ def test_the_preferences_show_the_backend_choice_and_every_default_setting(prefs
     layout = FakeLayout()
     type(prefs).draw(SimpleNamespace(layout=layout, backend_mode="LOCAL", defaults=prefs.defaults), bpy.context)
     assert {"backend_python", "weights"} <= set(layout.props())
-    texturing_only = {s for s in fields if "generate" not in fields[s].requests} - {"use_advanced"}
-    assert set(layout.props()) >= set(fields) - {"alpha_cutoff", "remesh_band"} - texturing_only
+    assert set(layout.props()) >= set(fields) - {"alpha_cutoff", "remesh_band"}
+    assert "resolution" in layout.props()  # texturing's own default (the others are generation's too)
     remote = FakeLayout()
     type(prefs).draw(SimpleNamespace(layout=remote, backend_mode="REMOTE", defaults=prefs.defaults), bpy.context)
     assert {"server_address", "server_key", "client_key_file"} <= set(remote.props())
@@ -228,7 +213,7 @@ def test_the_ui_path_runs_the_job_in_a_thread_and_the_timer_builds_the_object(sc
         time.sleep(0.02)
     obj = scene.objects["mug"]
     assert tuple(obj.location) == (0, 0, 2) and obj.select_get()
-    assert session.message == ("INFO", "built mug")
+    assert session.message == ("INFO", "built mug (18 faces)")
     assert scene.trellis2.recent[0].job_id == "job-1"
     while session.status(prefs.backend_plan()).state != "connected" and time.monotonic() < deadline:
         timer.tick()  # the timer started the status thread and tells it where to ask
