@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from backend.asset.textured_mesh import AssetSettings
-from backend.errors import JobFailure
+from backend.errors import InvalidInput, JobFailure
 from backend.generate_cli import ProgressLine, load_pipeline, run_reported
+from backend.ovoxel.ovoxel import OVoxel
 from backend.ovoxel.user_mesh import UserMesh
 from backend.ovoxel_cli import CliError, load_mesh_parts, up_axis
 from protocol import InvalidSettings
@@ -28,8 +29,11 @@ from protocol.settings_cli import add_setting_arguments, given_settings
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("texture", help="mesh + image in, the mesh with PBR textures (GLB) out, in this process")
     p.add_argument("mesh", type=Path, metavar="MESH", help="the mesh to texture: .glb, .gltf, .obj, .ply, ...")
-    p.add_argument("image", type=Path, metavar="IMAGE")
-    p.add_argument("-o", "--output", type=Path, metavar="OUT.glb", help="default: MESH with .textured.glb")
+    p.add_argument("image", type=Path, metavar="IMAGE_OR_NPZ",
+                   help="the reference image; or a texturing result .npz written earlier, to bake it again onto MESH "
+                        "with other texture settings (no pipeline, no GPU needed)")
+    p.add_argument("-o", "--output", type=Path, metavar="OUT.glb|OUT.npz",
+                   help="the textured GLB (default: MESH with .textured.glb), or .npz to keep the texturing result")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS,
                    help="hub repo id or local folder with texturing_pipeline.json")
     p.add_argument("--up", choices=("auto", "y", "z"), default="auto",
@@ -61,9 +65,10 @@ def run_texture(args: argparse.Namespace) -> int:
     from backend.trellis2.texturing import TexturingPipeline
 
     output = args.output or args.mesh.with_suffix(".textured.glb")
-    if output.suffix.lower() != ".glb":
-        print(f"error: the output must be a .glb file, got {output}", file=sys.stderr)
+    if output.suffix.lower() not in (".glb", ".npz"):
+        print(f"error: the output must be a .glb (or .npz) file, got {output}", file=sys.stderr)
         return 2
+    rebake = args.image.suffix.lower() == ".npz"
     if not args.image.is_file():
         print(f"error: image {args.image} not found", file=sys.stderr)
         return 2
@@ -80,8 +85,21 @@ def run_texture(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr)
 
     def work() -> int:
-        pipeline = load_pipeline(TexturingPipeline, args)
-        voxels = pipeline.texture(mesh, args.image, pipeline.settings(given), progress)
+        if rebake:
+            try:
+                voxels = OVoxel.load(args.image)
+            except ValueError as exc:
+                raise InvalidInput(str(exc), "give a .npz that `texture MESH IMAGE -o X.npz` wrote") from exc
+            if voxels.metadata.get("kind") != "texturing":
+                raise InvalidInput(f"{args.image} is not a texturing result",
+                                   "write one with `texture MESH IMAGE -o X.npz`")
+        else:
+            pipeline = load_pipeline(TexturingPipeline, args)
+            voxels = pipeline.texture(mesh, args.image, pipeline.settings(given), progress)
+        if output.suffix.lower() == ".npz":
+            voxels.save(output)
+            progress.done(f"wrote the texturing result {output}; bake it with `texture {args.mesh} {output}`")
+            return 0
         baked = bake_onto(mesh, voxels, asset, progress)
         write_glb(textured_mesh(mesh, baked), output)
         progress.done(f"wrote {output}: {len(mesh.faces)} faces, {asset.texture_size}^2 textures, "

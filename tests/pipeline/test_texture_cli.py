@@ -107,3 +107,24 @@ def test_ctrl_c_cancels_and_writes_nothing(tmp_path, image, tiny_checkpoint, mon
     out = tmp_path / "never.glb"
     assert cli(["texture", str(source), str(image), "-o", str(out), "--weights", str(tiny_checkpoint), *FAST]) == 130
     assert "cancelled; nothing was written" in capsys.readouterr().err and not out.exists()
+
+
+def test_a_kept_texturing_result_is_baked_again_without_the_pipeline(tmp_path, image, tiny_checkpoint) -> None:
+    source = tmp_path / "sheet.glb"
+    _sheet_with_uvs().export(str(source))
+    voxels = tmp_path / "sheet.npz"
+    run = subprocess.run([sys.executable, "-m", "backend", "texture", str(source), str(image), "-o", str(voxels),
+                          "--weights", str(tiny_checkpoint), *FAST], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert run.returncode == 0 and voxels.is_file(), run.stderr
+    out = tmp_path / "again.glb"
+    run = subprocess.run([sys.executable, "-m", "backend", "texture", str(source), str(voxels), "-o", str(out),
+                          "--texture-size", "512", "--weights", str(tmp_path / "no-weights-needed")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    from backend.asset.glb import read_glb
+
+    assert read_glb(out).base_color.shape == (512, 512, 4)
+    bad = subprocess.run([sys.executable, "-m", "backend", "texture", str(source), str(tmp_path / "none.npz")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "not found" in bad.stderr
