@@ -38,6 +38,11 @@ MODELS = {  # spec §1.3
     "tex_slat_flow_model_1024": ("SLatFlowModel", {**FLOW, "resolution": 64, "in_channels": 64, "out_channels": 32}),
     "tex_slat_decoder": ("SparseUnetVaeDecoder", {**DECODER, "out_channels": 6, "pred_subdiv": False}),
 }
+# The texturing pipeline's one model of its own (texturing.md §1.1); it shares the texture flows and decoder.
+TEXTURING_ONLY = {"shape_slat_encoder": ("FlexiDualGridVaeEncoder", {
+    "model_channels": [64, 128, 256, 512, 1024], "latent_channels": 32, "num_blocks": [0, 4, 8, 16, 4],
+    "block_type": ["SparseConvNeXtBlock3d"] * 5, "down_block_type": ["SparseResBlockS2C3d"] * 4,
+    "block_args": [{}] * 5, "use_fp16": True})}
 SAMPLERS = {  # pipeline.json params (spec §1.2)
     "sparse_structure_sampler": {"steps": 12, "guidance_strength": 7.5, "guidance_rescale": 0.7,
                                  "guidance_interval": [0.6, 1.0], "rescale_t": 5.0},
