@@ -108,8 +108,8 @@ def test_settings_are_normalised_and_validated():
     lambda: Progress("../etc", "s", 1, 2, 0.5),
     lambda: Progress("", "s", 1, 2, 0.5),
     lambda: Progress("j" * 129, "s", 1, 2, 0.5),
-    lambda: Info("s", "1", "m", "sleeping", "cpu", 0),
-    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", -1),
+    lambda: Info("s", "1", "m", "sleeping", "cpu", 0, "i"),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", -1, "i"),
     lambda: Error("no_such_code", "m"),
     lambda: Generate("not bytes"),
     lambda: Result("j", mesh={"bad name!": np.zeros(1)}),
@@ -158,7 +158,7 @@ def test_error_converts_from_and_to_exceptions():
 
 def test_info_carries_the_servers_limits():
     limits = Limits(max_image_bytes=12345, max_arrays=3)
-    info = decode(encode(Info("s", "1", "m", ModelStatus.READY, "cpu", 0, limits=limits)))
+    info = decode(encode(Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i", limits=limits)))
     assert info.limits == limits
 
 
