@@ -1,7 +1,8 @@
 """The one GPU worker: loads the engine once in the background, then runs queued jobs one at a time.
 
 A generate job makes the O-Voxel (engine.generate), stores it, then builds the textured mesh (engine.build_asset); a
-reprocess job takes a stored O-Voxel and only builds. The worker never talks to sockets: it hands messages
+reprocess job takes a stored O-Voxel and only builds, and so does a generate job whose O-Voxel was stored before a
+restart interrupted it. The worker never talks to sockets: it hands messages
 (progress and each job's single terminal message, already recorded in the store) to `emit`, which the server's I/O
 thread delivers. Cancellation and shutdown are flags checked by the progress callback between steps. It knows jobs,
 not models: the engine (backend/engine.py, imported only when the worker loads it) plans each job's stages and
@@ -236,6 +237,9 @@ class Worker:
 
             if spec.kind == REPROCESS:
                 self.store.share_ovoxel(spec.source_job_id, job.job_id)
+                ovoxel = self.store.load_ovoxel(job.job_id)
+            elif spec.kind == GENERATE and self.store.has_ovoxel(job.job_id):  # generated before a restart
+                log.info("job %s resumes from its stored O-Voxel: only the asset is built", job.job_id)
                 ovoxel = self.store.load_ovoxel(job.job_id)
             elif spec.kind == GENERATE:
                 ovoxel = engine.generate(self.store.image(job.job_id), settings, progress)

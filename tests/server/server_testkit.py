@@ -19,6 +19,7 @@ from PIL import Image
 from backend.asset.postprocess import build_textured_mesh
 from backend.engine import Engine, load_engine
 from protocol import Client, Message, Progress, decode, encode, split_envelope
+from protocol.keys import local_client_curve
 
 FAST_ASSET = {"faces": 1000, "texture_size": 256}  # keeps the real asset step at a fraction of a second
 HELD_STAGE = "held"
@@ -64,8 +65,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
-
-
 def corrupt_png() -> bytes:
     """A PNG whose header is fine (the protocol accepts it) but whose pixel data is garbage."""
     data = bytearray(png())
@@ -89,17 +88,32 @@ def wait_for_stage(client: Client, job_id: str, stage: str, timeout: float = 60)
             return
 
 
-def connect(endpoint: str, **kwargs) -> Client:
-    """A client patient enough for a loaded 2-core machine."""
-    return Client(endpoint, **{"timeout": 30.0, "heartbeat_interval": 0.5, "dead_after": 15.0, **kwargs})
+def local_keys() -> dict:
+    """The `local` client keypair a loopback server made in the (test's) default key folder."""
+    curve = local_client_curve()
+    assert curve is not None, "no server has made the local keys yet"
+    return curve
+
+
+def connect(endpoint: str, curve: dict | None = None, **kwargs) -> Client:
+    """A client patient enough for a loaded 2-core machine, holding the local keys unless `curve` gives others
+    ({}: none)."""
+    return Client(endpoint, **{"timeout": 30.0, "heartbeat_interval": 0.5, "dead_after": 15.0,
+                               **(local_keys() if curve is None else curve), **kwargs})
 
 
 class RawPeer:
-    """A bare DEALER socket, to send what a well-behaved Client never would."""
+    """A bare DEALER socket (with the local keys, unless `curve` says otherwise), to send what a well-behaved Client
+    never would."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, curve: dict | None = None) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        curve = local_keys() if curve is None else curve
+        if curve:
+            public, secret = curve["curve_client_keys"]
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = (
+                curve["curve_server_key"], public, secret)
         self.sock.connect(endpoint)
 
     def send_frames(self, frames: list[bytes]) -> None:

@@ -9,7 +9,7 @@ import pytest
 import zmq
 
 from backend.server.auth import SecurityError, is_local, make_keys, register
-from backend.server.auth import client_keys as load_client_keys
+from protocol.keys import client_curve as load_client_keys
 from backend.server.server import Server, ServerConfig, serve_command
 from protocol import BackendUnreachable, ErrorCode, Generate, ModelStatus, RemoteError
 from server_testkit import connect, png, wait_until
@@ -36,7 +36,7 @@ def secure_server(tmp_path):
 def test_curve_lets_in_only_authorised_clients(secure_server):
     server, keys = secure_server
     allowed = load_client_keys(keys / "server.key", keys / "client-secrets" / "blender.key_secret")
-    with connect(server.endpoint, **allowed) as client:
+    with connect(server.endpoint, allowed) as client:
         info = client.hello()
         assert info.details["curve"] is True
         wait_until(lambda: client.info(refresh=True).model_status == ModelStatus.FAILED, 30, "the load to fail")
@@ -47,7 +47,7 @@ def test_curve_lets_in_only_authorised_clients(secure_server):
 
     stranger = {"curve_server_key": allowed["curve_server_key"], "curve_client_keys": zmq.curve_keypair()}
     for intruder in (stranger, {}):  # an unknown keypair; no encryption at all
-        with connect(server.endpoint, heartbeat_interval=0.2, dead_after=1.5, **intruder) as client:
+        with connect(server.endpoint, intruder, heartbeat_interval=0.2, dead_after=1.5) as client:
             with pytest.raises(BackendUnreachable):
                 client.hello()
 
