@@ -258,21 +258,24 @@ class Client:
         """Ping when due; when the backend has been silent too long, reconnect (following jobs, within
         `resume_for`) or raise BackendUnreachable."""
         now = monotonic()
+        if self._lost_since is not None and now >= self._give_up_at():
+            self._raise_unreachable(f"no message from the backend at {self.address} for {now - self._lost_since:.1f} "
+                                    f"s; gave up after reconnecting for {self.resume_for:g} s")
         if self._silent_since is not None and now - self._silent_since >= self.dead_after:
-            silence = f"no message from the backend at {self.address} for {now - self._silent_since:.1f} s " \
-                      f"(pinging every {self.heartbeat_interval:g} s)"
             if not (self.resume_for and (self._followed or self._unanswered)):
-                self._raise_unreachable(silence)
+                self._raise_unreachable(f"no message from the backend at {self.address} for "
+                                        f"{now - self._silent_since:.1f} s (pinging every {self.heartbeat_interval:g} s)")
             if self._lost_since is None:
                 self._lost_since = self._silent_since
                 self._resumes += 1
                 self._pending.extend(Notice(job_id, LOST) for job_id in self._followed)
-            if now - self._lost_since >= self.dead_after + self.resume_for:
-                self._raise_unreachable(f"{silence}; gave up after reconnecting for {self.resume_for:g} s")
             self._reopen()
         if now >= self._next_ping:
             self._ping_seq += 1
             self._send(Ping(self._ping_seq))
+
+    def _give_up_at(self) -> float:
+        return math.inf if self._lost_since is None else self._lost_since + self.dead_after + self.resume_for
 
     def _raise_unreachable(self, message: str) -> NoReturn:
         self._lost_since = None
@@ -299,7 +302,7 @@ class Client:
                 return msg
         while True:
             self._heartbeat()
-            wake = min(self._next_ping, deadline if deadline is not None else math.inf,
+            wake = min(self._next_ping, deadline if deadline is not None else math.inf, self._give_up_at(),
                        self._silent_since + self.dead_after if self._silent_since is not None else math.inf)
             if self._live_socket().poll(max(0, math.ceil((wake - monotonic()) * 1000)), zmq.POLLIN):
                 msg = self._read()
