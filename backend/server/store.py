@@ -203,6 +203,7 @@ class JobStore:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
             self._add(record)
+            self._resize(job_id)  # its input counts toward the cap from now on
         return record
 
     def save_ovoxel(self, job_id: str, ovoxel: OVoxel) -> None:

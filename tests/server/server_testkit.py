@@ -19,10 +19,11 @@ from PIL import Image
 from backend.asset.postprocess import build_textured_mesh
 from backend.engine import Engine, load_engine
 from protocol import Client, Message, Progress, decode, encode, split_envelope
-from protocol.keys import local_client_curve
+from protocol.keys import client_curve, client_secret_file, default_keys_dir, local_client_curve, server_key_file
 
 FAST_ASSET = {"faces": 1000, "texture_size": 256}  # keeps the real asset step at a fraction of a second
 HELD_STAGE = "held"
+OTHER_CLIENT = "other"  # a second client keypair the shared server lets in: another owner
 
 
 class Controls:
@@ -95,6 +96,12 @@ def local_keys() -> dict:
     return curve
 
 
+def other_keys() -> dict:
+    """OTHER_CLIENT's keypair: a client that owns none of the local client's jobs."""
+    folder = default_keys_dir()
+    return client_curve(server_key_file(folder), client_secret_file(folder, OTHER_CLIENT))
+
+
 def connect(endpoint: str, curve: dict | None = None, **kwargs) -> Client:
     """A client patient enough for a loaded 2-core machine, holding the local keys unless `curve` gives others
     ({}: none)."""
@@ -104,11 +111,18 @@ def connect(endpoint: str, curve: dict | None = None, **kwargs) -> Client:
 
 class RawPeer:
     """A bare DEALER socket (with the local keys, unless `curve` says otherwise), to send what a well-behaved Client
-    never would."""
+    never would. `identity` fixes its ROUTER identity (the server's name for the connection); `stalled` makes it a
+    client that does not read: its libzmq takes one message, then leaves the rest in the server's TCP buffers."""
 
-    def __init__(self, endpoint: str, curve: dict | None = None) -> None:
+    def __init__(self, endpoint: str, curve: dict | None = None, identity: bytes | None = None,
+                 stalled: bool = False) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, identity)
+        if stalled:
+            self.sock.setsockopt(zmq.RCVHWM, 1)
+            self.sock.setsockopt(zmq.RCVBUF, 4096)
         curve = local_keys() if curve is None else curve
         if curve:
             public, secret = curve["curve_client_keys"]
