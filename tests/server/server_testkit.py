@@ -18,6 +18,7 @@ from PIL import Image
 
 from backend.asset.postprocess import build_textured_mesh
 from backend.engine import Engine, load_engine
+from backend.server.server import Server, ServerConfig
 from protocol import Client, Message, Progress, decode, encode, split_envelope
 from protocol.keys import client_curve, client_secret_file, default_keys_dir, local_client_curve, server_key_file
 
@@ -144,3 +145,22 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def no_models():
+    raise RuntimeError("this test server has no models")
+
+
+def serve_in_thread(config: ServerConfig) -> tuple[Server, threading.Thread]:
+    """A server of its own for one test (models that fail to load: it refuses jobs); stop it with `stop_served`."""
+    server = Server(config, no_models)
+    server.start()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop_served(server: Server, thread: threading.Thread) -> None:
+    server.stop(immediate=True)
+    thread.join(30)
+    assert not thread.is_alive()

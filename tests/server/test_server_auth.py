@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import threading
 
 import pytest
 import zmq
-
-import stat
 
 from backend.server.auth import SecurityError, is_local, make_keys, register
 from backend.server.server import Server, ServerConfig, serve_command
@@ -19,26 +18,17 @@ from protocol import (BackendUnreachable, Cancelled, Error, ErrorCode, Generate,
                       Reprocess, Result)
 from protocol.keys import client_curve as load_client_keys
 from protocol.keys import local_client_curve
-from server_testkit import (FAST_ASSET, HELD_STAGE, connect, last, other_keys, png, wait_for_stage,
-                            wait_until)
-
-
-def no_models():
-    raise RuntimeError("this test server has no models")
+from server_testkit import (FAST_ASSET, HELD_STAGE, connect, last, no_models, other_keys, png, serve_in_thread,
+                            stop_served, wait_for_stage, wait_until)
 
 
 @pytest.fixture
 def secure_server(tmp_path):
     keys = tmp_path / "keys"
     make_keys(keys, "blender")
-    server = Server(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", keys=keys), no_models)
-    server.start()
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
+    server, thread = serve_in_thread(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", keys=keys))
     yield server, keys
-    server.stop(immediate=True)
-    thread.join(30)
-    assert not thread.is_alive()
+    stop_served(server, thread)
 
 
 def test_curve_lets_in_only_authorised_clients(secure_server):
@@ -106,20 +96,6 @@ def test_keys_command_keeps_existing_keys_and_adds_clients(tmp_path, capsys):
     assert run("--client", "../evil") == 2
 
 
-def serve_in_thread(config: ServerConfig) -> tuple[Server, threading.Thread]:
-    server = Server(config, no_models)
-    server.start()
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
-    return server, thread
-
-
-def stop(server: Server, thread: threading.Thread) -> None:
-    server.stop(immediate=True)
-    thread.join(30)
-    assert not thread.is_alive()
-
-
 def test_a_loopback_server_makes_private_keys_and_lets_in_only_their_holders(tmp_path):
     keys = tmp_path / "config" / "keys"
     server, thread = serve_in_thread(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", keys=keys))
@@ -135,7 +111,7 @@ def test_a_loopback_server_makes_private_keys_and_lets_in_only_their_holders(tmp
                 with pytest.raises(BackendUnreachable):
                     client.hello()
     finally:
-        stop(server, thread)
+        stop_served(server, thread)
 
 
 def test_a_key_folder_others_can_read_is_refused(tmp_path):
@@ -155,7 +131,7 @@ def test_no_auth_is_for_loopback_only_and_hides_versions(tmp_path):
             info = client.hello()
         assert info.server_version == "" and "python" not in info.details and info.details["curve"] is False
     finally:
-        stop(server, thread)
+        stop_served(server, thread)
 
 
 def test_the_store_is_private_to_the_servers_user(server):
