@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from .errors import ProtocolVersionError
 
-PROTOCOL_VERSION = 2  # 2: settings schema in info; generate / reprocess / texture replace submit
+PROTOCOL_VERSION = 2  # 2: settings schema in info; generate / reprocess / texture replace submit; instances, greeted pongs
 
 
 def check_version(remote_version: int) -> None:
