@@ -32,7 +32,7 @@ from backend.server.worker import (EngineWorker, Event, EventQueue, Finished, Ge
                                    LoadFailed, Loader, Ready, WorkerFacts, WorkerLost, failure_error)
 from backend.server.worker_process import ProcessTransport, visible_gpus
 from protocol import Cancelled, Error, ErrorCode, Message, ModelStatus, Progress, Schema, WorkerState, WorkerStatus
-from protocol.settings import REPROCESS, SETTINGS
+from protocol.settings import GENERATE, REPROCESS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ class WorkerPool:
             finally:
                 slot.transport = None
             if ended == "failed":
+                self._end_waiting_if_no_worker_loads()
                 return
             break
         if slot.state != WorkerState.FAILED:
@@ -421,6 +422,8 @@ class WorkerPool:
         if spec.kind == REPROCESS:
             self.store.share_ovoxel(spec.source_job_id, job.job_id)
             return JobOrder(job.job_id, spec, ovoxel=self.store.load_ovoxel(job.job_id))
+        if spec.kind == GENERATE and self.store.has_ovoxel(job.job_id):  # generated before a restart: build only
+            return JobOrder(job.job_id, spec, ovoxel=self.store.load_ovoxel(job.job_id))
         return JobOrder(job.job_id, spec, image=self.store.image(job.job_id))
 
     def _lost(self, slot: _Slot, reason: str) -> None:
@@ -449,6 +452,17 @@ class WorkerPool:
                 log.info("job %s re-queued after its worker was lost", job.job_id)
                 self._emit(Progress(job.job_id, "queued", 0, 0, 0.0,
                                     f"restarting: {where}; the job starts again on another worker"))
+
+    def _end_waiting_if_no_worker_loads(self) -> None:
+        """Once every worker has failed to load its models, no waiting job can ever run: end them all with
+        model_not_ready instead of leaving their clients waiting for ever."""
+        if self.status != ModelStatus.FAILED:
+            return
+        with self._lock:
+            jobs, self._queue = list(self._queue), deque()
+        for job in jobs:
+            self._finish(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {self.load_error[:2000]}",
+                               "fix the cause shown in the server log and restart the server", job.job_id), 0.0)
 
     def _finish(self, outcome: Terminal, seconds: float) -> None:
         """Record the outcome, then hand it over; if even recording fails, the client still hears why."""

@@ -58,7 +58,7 @@ class JobOrder:
     job_id: str
     spec: JobSpec
     image: bytes | None = None  # generate
-    ovoxel: OVoxel | None = None  # reprocess: the source job's O-Voxel
+    ovoxel: OVoxel | None = None  # reprocess: the source job's O-Voxel; generate: its own, stored before a restart
 
 
 @dataclass(frozen=True)
@@ -319,6 +319,9 @@ class EngineWorker:
             if spec.kind == REPROCESS:
                 if job.order.ovoxel is None:
                     raise MissingOVoxel(f"job {spec.source_job_id} has no stored O-Voxel any more (it was purged)")
+                job.ovoxel = job.order.ovoxel
+            elif spec.kind == GENERATE and job.order.ovoxel is not None:  # generated before a restart
+                log.info("job %s resumes from its stored O-Voxel: only the asset is built", job.job_id)
                 job.ovoxel = job.order.ovoxel
             elif spec.kind == GENERATE:
                 job.ovoxel = self._generate_once(job)

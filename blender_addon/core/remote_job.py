@@ -6,7 +6,9 @@ runs either in a worker thread, which hands its events to the main thread throug
 Blender's UI, which must never block), or right on the calling thread (`run_here`, for `blender -b`, where timers
 never fire). Either way the events are handled by the same code on the thread that owns the RemoteJob, so its state
 is only ever touched there. The worker owns its own protocol Client (zmq sockets must stay on one thread).
-Cancel is sent to the server, which stops the job at its next step.
+Cancel is sent to the server, which stops the job at its next step. A backend that restarts, or a connection made
+anew, is followed through by the Client (it fetches the job again; its Notice shows on the progress line); a backend
+silent for longer than the connection's resume window ends the job with a clear error, so no wait is endless.
 """
 
 from __future__ import annotations
@@ -14,10 +16,10 @@ from __future__ import annotations
 import queue
 import threading
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..protocol import Accepted, Cancelled, Client, Error, Message, Progress, ProtocolError, Request, Result
+from ..protocol import Accepted, Cancelled, Client, Error, Message, Notice, Progress, ProtocolError, Request, Result
 from .connection import Say
 from .errors import AddonError, user_error
 from .result import MeshData, mesh_data
@@ -99,6 +101,8 @@ class RemoteJob:
                                     message=f"{event.queue_position} job(s) ahead" if event.queue_position else "")
         elif isinstance(event, Progress):
             self.status = JobStatus(event.stage, event.step, event.total, event.fraction, event.message)
+        elif isinstance(event, Notice):  # the backend was lost or restarted: the job goes on, say so
+            self.status = replace(self.status, message=event.text)
         elif isinstance(event, MeshData):
             self.mesh, self.state = event, DONE
             self.status = JobStatus("done", fraction=1.0)
