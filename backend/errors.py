@@ -18,6 +18,13 @@ class JobFailure(Exception):
         self.message, self.hint = message, hint
 
 
+class NoSurface(JobFailure):
+    """The model made nothing to build a mesh from (no voxels, or no faces left): a seed or image issue, not a bug."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__(f"the model produced no surface ({where})", "try another seed or image")
+
+
 class InvalidInput(JobFailure):
     """The image or mesh given cannot be used."""
 

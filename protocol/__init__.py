@@ -4,7 +4,7 @@ See README.md in this folder for the message table, framing, versioning, limits 
 """
 
 from .arrays import ALLOWED_DTYPES
-from .client import Client
+from .client import Client, Notice
 from .codec import decode, encode
 from .errors import (BackendUnreachable, DeadlineExceeded, ErrorCode, InvalidArray, InvalidImage, JobCancelled,
                      LimitExceeded, MalformedMessage, ProtocolError, ProtocolVersionError, RemoteError)
@@ -27,5 +27,5 @@ __all__ = [
     "Limits", "DEFAULT_LIMITS", "ALLOWED_DTYPES", "SUPPORTED_FORMATS", "ImageInfo", "image_info", "check_image",
     "ErrorCode", "ProtocolError", "MalformedMessage", "ProtocolVersionError", "LimitExceeded", "InvalidImage",
     "InvalidArray", "BackendUnreachable", "DeadlineExceeded", "JobCancelled", "RemoteError",
-    "Client",
+    "Client", "Notice",
 ]

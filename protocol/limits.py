@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from .errors import MalformedMessage
 
+KiB = 1 << 10
 MiB = 1 << 20
 
 Role = Literal["client", "server"]
@@ -38,6 +39,11 @@ class Limits:
             value = getattr(self, f.name)
             if type(value) is not int or value <= 0:
                 raise ValueError(f"Limits.{f.name} must be a positive int, got {value!r}")
+
+    def below_peer_minimum(self) -> list[str]:
+        """The fields under PEER_MINIMUM, as "name = value (minimum M)" texts; empty when every field is enough."""
+        return [f"{name} = {getattr(self, name)} (minimum {minimum})" for name, minimum in PEER_MINIMUM.items()
+                if getattr(self, name) < minimum]
 
     def inbound_frame_bytes(self, receiver: Role) -> int:
         """Largest frame `receiver` can legitimately get, for zmq.MAXMSGSIZE on its socket.
@@ -65,3 +71,9 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+
+# What a client must accept at least (checked in `hello`): enough for every reply a server sends besides a result
+# (its `info` with the settings schema is ~10 KiB, an `error` ~3 KiB), so no client can make those replies
+# unencodable. A result too large for a client's limits becomes an `error` that fits these.
+PEER_MINIMUM = {"max_message_bytes": 64 * KiB, "max_frame_bytes": 64 * KiB, "max_header_bytes": 64 * KiB,
+                "max_items": 1024}

@@ -104,6 +104,12 @@ class Hello(Message):
     # result too big for the client becomes an Error(limit_exceeded) instead of a frame its socket drops.
     limits: Limits = DEFAULT_LIMITS
 
+    def _check(self) -> None:
+        low = self.limits.below_peer_minimum()
+        if low:
+            raise MalformedMessage(f"hello.limits are below what every client must accept: {', '.join(low)}",
+                                   hint="raise those limits to at least the minimum (protocol/limits.py PEER_MINIMUM)")
+
 
 @dataclass(frozen=True)
 class Info(Message):
@@ -117,6 +123,7 @@ class Info(Message):
     model_status: ModelStatus
     device: str
     queue_length: Count
+    instance: str  # random id of this server process: a new one after every restart
     gpu_memory_free: Count | None = None  # bytes; None on CPU or when unknown
     gpu_memory_total: Count | None = None
     capabilities: list[str] = field(default_factory=list)
@@ -263,8 +270,8 @@ class Cancelled(Message):
 
 @dataclass(frozen=True)
 class Fetch(Message):
-    """Ask again for a job's terminal message (e.g. after a reconnect); also re-attaches the job's
-    further events to the asking client."""
+    """Subscribe to a job's events (after a reconnect or a server restart, or from a second client): the answer is
+    its latest progress, or its terminal message again once it has ended. Every subscriber gets the events."""
 
     TYPE = "fetch"
     SENT_BY = "client"
@@ -283,6 +290,8 @@ class Pong(Message):
     TYPE = "pong"
     SENT_BY = "server"
     seq: int  # the seq of the Ping it answers
+    instance: str  # the server's Info.instance: a change means the server restarted
+    greeted: bool  # the server holds this connection's hello; False: greet again and fetch the open jobs
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
@@ -329,7 +338,7 @@ def _coerce(path: str, value: Any, hint: Any) -> Any:
     if origin in (Union, types.UnionType):  # only `X | None` is used
         inner = next(a for a in args if a is not type(None))
         return None if value is None else _coerce(path, value, inner)
-    if hint in (str, int, float):
+    if hint in (str, int, float, bool):
         return _scalar(path, value, hint)
     if hint is bytes:
         if not isinstance(value, (bytes, bytearray, memoryview)):

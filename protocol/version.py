@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from .errors import ProtocolVersionError
 
-PROTOCOL_VERSION = 3  # 2: settings schema in info; generate / reprocess / texture replace submit; 3: info.workers
+PROTOCOL_VERSION = 3  # 2: settings schema in info; generate / reprocess / texture replace submit; 3: info.workers,
+# server instances in info and pong, greeted pongs, hello's minimum limits
 
 
 def check_version(remote_version: int) -> None:

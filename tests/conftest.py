@@ -1,13 +1,21 @@
-"""Shared fixtures: the reference data folder, its golden cases and manifests, and one tiny checkpoint per session."""
+"""Shared fixtures: the reference data folder, its golden cases and manifests, and one tiny checkpoint per session.
+
+Servers create CURVE keys in the user's config folder on first start; the tests' go to a temporary one, so no test
+reads or writes ~/.config/trellis2.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+os.environ["XDG_CONFIG_HOME"] = tempfile.mkdtemp(prefix="trellis2-test-config-")
 
 GOLDEN = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "golden"
 GOLDEN_TEXTURING = GOLDEN.parent / "golden-texturing"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from backend.asset.bake import texel_attributes, to_textures
@@ -35,7 +36,7 @@ from backend.asset.sampling import sample_trilinear
 from backend.asset.simplify import simplify
 from backend.asset.textured_mesh import AssetSettings, TexturedMesh
 from backend.asset.uv import unwrap
-from backend.errors import JobFailure
+from backend.errors import NoSurface
 from backend.native import VoxelIndex
 from backend.ovoxel.ovoxel import OVoxel
 from backend.progress import ProgressCallback, Stage, ignore_progress
@@ -145,11 +146,15 @@ def resolve_alpha_mode(settings: AssetSettings, base_color: torch.Tensor, covere
     return "BLEND" if alpha.numel() and int(alpha.min()) < ALPHA_OPAQUE_MIN else "OPAQUE"
 
 
+def _surface_left(faces: np.ndarray | torch.Tensor, where: str) -> None:
+    if faces.shape[0] == 0:
+        raise NoSurface(where)
+
+
 def build_textured_mesh(ovoxel: OVoxel, settings: AssetSettings, progress: ProgressCallback = ignore_progress,
                         device: torch.device | str | None = None) -> TexturedMesh:
     """The textured, UV-mapped mesh of an O-Voxel. progress(stage, step, total); raising from it cancels."""
-    if ovoxel.faces.shape[0] == 0:
-        raise JobFailure("the model produced no surface", "try another seed or image")
+    _surface_left(ovoxel.faces, "the O-Voxel has no face")
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     stages = _Stages(progress, device)
     vertices = torch.from_numpy(ovoxel.vertices).to(device)
@@ -164,6 +169,7 @@ def build_textured_mesh(ovoxel: OVoxel, settings: AssetSettings, progress: Progr
         return v, f, vertex_attributes(ovoxel, v, f, origin)
 
     ref_v, ref_f, ref_attrs = stages.run(REFERENCE, reference)
+    _surface_left(ref_f, "every face of the decoded surface is degenerate")
     if settings.remesh:
         mesh_v, mesh_f = stages.run(REMESH, lambda: clean(*manifold_surface(*remesh_narrow_band(
             ref_v, ref_f, ovoxel.resolution, settings.remesh_band), hole_limit, separation, SLIT_VOXELS * h)[:2]))
@@ -176,7 +182,9 @@ def build_textured_mesh(ovoxel: OVoxel, settings: AssetSettings, progress: Progr
         return clean(v, f)
 
     mesh_v, mesh_f = stages.run(SIMPLIFY, reduce)
+    _surface_left(mesh_f, "no face is left after cleaning and simplifying")
     layout = stages.run(UV, lambda: unwrap(mesh_v, mesh_f, settings.texture_size))
+    _surface_left(layout.faces, "every face has zero area in the UV unwrap")
     image, covered = stages.run(BAKE, lambda: texel_attributes(
         layout, mesh_v, ref_v, ref_f, ref_attrs, h, settings.texture_size,
         offset=settings.remesh_band if settings.remesh else 0.0))

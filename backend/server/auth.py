@@ -1,6 +1,6 @@
-"""CURVE security: who may talk to the server when it listens beyond this machine.
+"""CURVE security: every connection is encrypted and its client authenticated, loopback included.
 
-`python -m backend keys` writes a key folder:
+The key folder (layout in protocol/keys.py; default `~/.config/trellis2/keys`, owner-only):
 
     KEYS/server.key                  the server's public key: give it to every client
     KEYS/server.key_secret           the server's secret key: never leaves the server
@@ -8,10 +8,13 @@
     KEYS/client-secrets/NAME.key_secret
                                      a client's keypair: give it (with server.key) to that client only
 
-A server bound to loopback (127.0.0.0/8, ::1, localhost) or ipc:// runs without CURVE unless given --keys; bound
-anywhere else it refuses to start without a complete key folder. With CURVE on, pyzmq's ThreadAuthenticator lets in
-only clients whose public key is in KEYS/clients/ (read at start: restart the server after changing it). A refused
-client gets nothing at all, not even an error: ZeroMQ drops the handshake.
+A server bound to this machine only (127.0.0.0/8, ::1, localhost, ipc://) creates the folder on its first start,
+with the client keypair `local` that `submit` and the add-on's local mode read, so only the user who owns the folder
+can use the server. Bound anywhere else it refuses to start without a folder holding its keypair and at least one
+client key (`python -m backend keys`). A folder other users can read is refused either way. pyzmq's
+ThreadAuthenticator lets in only clients whose public key is in KEYS/clients/ (read at start: restart the server
+after changing it); a refused client gets nothing at all, not even an error: ZeroMQ drops the handshake.
+`--no-auth` (loopback only) turns all of this off for debugging.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import ipaddress
 import os
 import re
 import shutil
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +33,9 @@ import zmq
 import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
-SERVER_NAME = "server"
-CLIENTS_DIR = "clients"
-CLIENT_SECRETS_DIR = "client-secrets"
+from protocol.keys import (CLIENT_SECRETS_DIR, CLIENTS_DIR, LOCAL_CLIENT, SERVER_NAME, client_secret_file,
+                           default_keys_dir)
+
 DEFAULT_CLIENT = "blender"
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
 
@@ -45,10 +49,6 @@ class ServerKeys:
     public: bytes
     secret: bytes
     clients_dir: Path
-
-
-def default_keys_dir() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "trellis2" / "keys"
 
 
 def is_local(endpoint: str) -> bool:
@@ -67,30 +67,49 @@ def is_local(endpoint: str) -> bool:
         return False
 
 
-def server_keys_for(bind: str, keys_dir: Path | None) -> ServerKeys | None:
-    """The CURVE keys the server must use on `bind`, or None for plain loopback; raises SecurityError when the
-    address is reachable from other machines and no usable key folder exists."""
-    if keys_dir is None and is_local(bind):
+def server_keys_for(bind: str, keys_dir: Path | None, auth: bool = True) -> ServerKeys | None:
+    """The CURVE keys the server must use on `bind` (None only with `auth` off, on a local bind). A local bind gets
+    its key folder made on first start; any other raises SecurityError unless a usable key folder exists."""
+    if not auth:
+        if not is_local(bind):
+            raise SecurityError(f"refusing to start: --no-auth is for loopback only, and {bind} is reachable from "
+                                f"other machines")
         return None
     folder = keys_dir or default_keys_dir()
-    secret_file = folder / f"{SERVER_NAME}.key_secret"
-    clients = folder / CLIENTS_DIR
+    if is_local(bind) and not (_server_secret(folder).is_file() and client_secret_file(folder).is_file()):
+        make_keys(folder, LOCAL_CLIENT)
+    _check_private(folder)
+    secret_file, clients = _server_secret(folder), folder / CLIENTS_DIR
     why = ""
     if not secret_file.is_file():
         why = f"{secret_file} does not exist"
     elif not clients.is_dir() or not any(clients.glob("*.key")):
         why = f"{clients} holds no client public keys (*.key), so no client could connect"
     if why:
-        exposure = "" if is_local(bind) else f"{bind} is reachable from other machines, so "
         raise SecurityError(
-            f"refusing to start: {exposure}the server needs CURVE encryption and client keys, but {why}. "
-            f"Run `python -m backend keys --dir {folder}` and give clients server.key and their "
-            f"client-secrets/NAME.key_secret, or bind to tcp://127.0.0.1:PORT for this machine only.")
+            f"refusing to start: {bind} is reachable from other machines, so the server needs CURVE encryption and "
+            f"client keys, but {why}. Run `python -m backend keys --dir {folder}` and give clients server.key and "
+            f"their client-secrets/NAME.key_secret, or bind to tcp://127.0.0.1:PORT for this machine only.")
     public, secret = zmq.auth.load_certificate(secret_file)
     if not secret:
         raise SecurityError(f"refusing to start: {secret_file} holds no secret key; recreate it with "
                             f"`python -m backend keys --dir {folder} --force`")
     return ServerKeys(public, secret, clients)
+
+
+def _server_secret(folder: Path) -> Path:
+    return folder / f"{SERVER_NAME}.key_secret"
+
+
+def _check_private(folder: Path) -> None:
+    """Refuse a key folder that is not this user's own (anyone who reads it can use, or impersonate, the server)."""
+    if os.name != "posix" or not folder.is_dir():
+        return
+    info = folder.stat()
+    if info.st_uid != os.getuid() or info.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise SecurityError(f"refusing to start: the key folder {folder} is not private to its owner (mode "
+                            f"{stat.filemode(info.st_mode)}, owner uid {info.st_uid}); run `chmod 700 {folder}` as "
+                            f"its owner, or recreate it with `python -m backend keys --dir {folder} --force`")
 
 
 def secure_server_socket(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys) -> ThreadAuthenticator:
@@ -104,15 +123,6 @@ def secure_server_socket(ctx: zmq.Context, sock: zmq.Socket, keys: ServerKeys) -
     return authenticator
 
 
-def client_keys(server_key_file: Path, client_secret_file: Path) -> dict[str, object]:
-    """Keyword arguments for protocol.Client from the files `keys` wrote."""
-    server_public, _ = zmq.auth.load_certificate(server_key_file)
-    public, secret = zmq.auth.load_certificate(client_secret_file)
-    if not secret:
-        raise SecurityError(f"{client_secret_file} holds no secret key (use the .key_secret file)")
-    return {"curve_server_key": server_public, "curve_client_keys": (public, secret)}
-
-
 def make_keys(folder: Path, client: str = DEFAULT_CLIENT, force: bool = False) -> list[Path]:
     """Create the server keypair (unless present) and a keypair for `client`; returns the files written.
     Existing keys are kept unless `force`, so running it again only adds clients."""
@@ -121,9 +131,9 @@ def make_keys(folder: Path, client: str = DEFAULT_CLIENT, force: bool = False) -
     written: list[Path] = []
     secrets = folder / CLIENT_SECRETS_DIR
     for path in (folder, folder / CLIENTS_DIR, secrets):
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(folder, 0o700)
-    if force or not (folder / f"{SERVER_NAME}.key_secret").exists():
+    if force or not _server_secret(folder).exists():
         written += _new_keypair(folder, SERVER_NAME)
     if force or not (secrets / f"{client}.key_secret").exists():
         public, secret = _new_keypair(secrets, client)

@@ -32,7 +32,7 @@ from backend.server.worker import (EngineWorker, Event, EventQueue, Finished, Ge
                                    LoadFailed, Loader, Ready, WorkerFacts, WorkerLost, failure_error)
 from backend.server.worker_process import ProcessTransport, visible_gpus
 from protocol import Cancelled, Error, ErrorCode, Message, ModelStatus, Progress, Schema, WorkerState, WorkerStatus
-from protocol.settings import REPROCESS, SETTINGS
+from protocol.settings import GENERATE, REPROCESS, SETTINGS, TEXTURE
 
 log = logging.getLogger(__name__)
 
@@ -331,6 +331,7 @@ class WorkerPool:
             finally:
                 slot.transport = None
             if ended == "failed":
+                self._end_waiting_if_no_worker_loads()
                 return
             break
         if slot.state != WorkerState.FAILED:
@@ -396,20 +397,8 @@ class WorkerPool:
         elif isinstance(event, LoadFailed):
             slot.state, slot.error = WorkerState.FAILED, event.error
             log.error("worker %s: loading the models failed: %s", slot.plan.name, event.error)
-            self._end_waiting_if_no_worker_can_load()
             return "failed"
         return None
-
-    def _end_waiting_if_no_worker_can_load(self) -> None:
-        """Jobs accepted while the models were loading end with the load's error once every worker has failed:
-        nobody would ever run them (new requests are refused at submit from then on)."""
-        with self._lock:
-            if any(s.state != WorkerState.FAILED for s in self._slots):
-                return
-            waiting, self._queue = list(self._queue), deque()
-        for job in waiting:
-            self._finish(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {self.load_error}",
-                               "fix the cause shown in the server log and restart the server", job.job_id), 0.0)
 
     def _dispatch(self, slot: _Slot, transport: Transport) -> None:
         job = self._take(slot)
@@ -434,6 +423,8 @@ class WorkerPool:
         if spec.kind == REPROCESS:
             self.store.share_ovoxel(spec.source_job_id, job_id)
             mesh = self.store.load_mesh(job_id) if self.store.has_mesh(job_id) else None
+            return JobOrder(job_id, spec, ovoxel=self.store.load_ovoxel(job_id), mesh=mesh)
+        if spec.kind in (GENERATE, TEXTURE) and self.store.has_ovoxel(job_id):  # made before a restart: build only
             return JobOrder(job_id, spec, ovoxel=self.store.load_ovoxel(job_id), mesh=mesh)
         return JobOrder(job_id, spec, image=self.store.image(job_id), mesh=mesh)
 
@@ -463,6 +454,17 @@ class WorkerPool:
                 log.info("job %s re-queued after its worker was lost", job.job_id)
                 self._emit(Progress(job.job_id, "queued", 0, 0, 0.0,
                                     f"restarting: {where}; the job starts again on another worker"))
+
+    def _end_waiting_if_no_worker_loads(self) -> None:
+        """Once every worker has failed to load its models, no waiting job can ever run: end them all with
+        model_not_ready instead of leaving their clients waiting for ever."""
+        if self.status != ModelStatus.FAILED:
+            return
+        with self._lock:
+            jobs, self._queue = list(self._queue), deque()
+        for job in jobs:
+            self._finish(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {self.load_error[:2000]}",
+                               "fix the cause shown in the server log and restart the server", job.job_id), 0.0)
 
     def _finish(self, outcome: Terminal, seconds: float) -> None:
         """Record the outcome, then hand it over; if even recording fails, the client still hears why."""

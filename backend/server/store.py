@@ -11,8 +11,9 @@ One folder per job under `ROOT/jobs/JOB_ID/`:
 Every file is written to a temporary name, flushed to disk and renamed over the final name, and `record.json` is
 written last: a job whose record says `result` always has its complete `result.npz`, and a crash mid-write leaves
 the job queued (it runs again after the restart) instead of serving half a file. A lock file keeps a second server
-from sharing the folder. Finished jobs are purged by age and, over the size cap, oldest first, collected before
-uncollected; queued jobs are never purged.
+from sharing the folder. Folders are 0700 and files 0600: only the server's user reads inputs and results.
+Finished jobs are purged by age and, over the size cap, oldest first, collected before uncollected; queued jobs are
+never purged, but count toward the cap, so a full store refuses new jobs (`has_room`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ TERMINAL_STATES = ("result", "error", "cancelled")
 Terminal = Result | Error | Cancelled
 RECORD, INPUT, MESH, OVOXEL, RESULT = "record.json", "input.image", "mesh.npz", "ovoxel.npz", "result.npz"
 TMP_SUFFIX = ".tmp"
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 
 
 class StoreError(RuntimeError):
@@ -64,6 +66,7 @@ class JobRecord:
     settings: dict[str, Any]  # as the client sent them, checked against the settings schema
     source_job_id: str | None = None  # reprocess: the job whose O-Voxel is rebuilt
     client_job_id: str | None = None
+    owner: str = ""  # the submitting client's CURVE public key (Z85); "" without authentication
     state: str = QUEUED
     finished: float | None = None
     error: dict[str, str] | None = None  # code, message, hint
@@ -79,7 +82,7 @@ class JobRecord:
 def atomic_write(path: Path, data: bytes | memoryview) -> None:
     """Write `path` so that readers see either the old file or the complete new one, also after a power cut."""
     tmp = path.with_name(path.name + TMP_SUFFIX)
-    with open(tmp, "wb") as f:
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -101,8 +104,10 @@ class JobStore:
         self._lock = threading.RLock()
         self._jobs_dir = self.root / "jobs"
         try:
-            self._jobs_dir.mkdir(parents=True, exist_ok=True)
-            self._lock_file = open(self.root / "lock", "a+b")
+            self._jobs_dir.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
+            for folder in (self.root, self._jobs_dir):  # also a store made before folders were private
+                os.chmod(folder, PRIVATE_DIR)
+            self._lock_file = os.fdopen(os.open(self.root / "lock", os.O_RDWR | os.O_CREAT, PRIVATE_FILE), "r+b")
         except OSError as exc:
             raise StoreError(f"cannot use {self.root} as the job store: {exc}") from exc
         if fcntl is not None:
@@ -113,6 +118,7 @@ class JobStore:
                 raise StoreError(f"the job store {self.root} is in use by another backend server; stop it or "
                                  f"give this one another --store folder") from None
         self._records: dict[str, JobRecord] = {}
+        self._by_client: dict[tuple[str, str], str] = {}  # (owner, client_job_id) -> job id
         self._load()
 
     # -- reading ----------------------------------------------------------------------------------
@@ -120,6 +126,12 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord | None:
         with self._lock:
             return self._records.get(job_id)
+
+    def find(self, owner: str, client_job_id: str | None) -> JobRecord | None:
+        """The job `owner` submitted under `client_job_id`, if the store holds it (a submit sent again)."""
+        with self._lock:
+            job_id = self._by_client.get((owner, client_job_id)) if client_job_id else None
+            return self._records.get(job_id) if job_id else None
 
     def pending(self) -> list[JobRecord]:
         """Jobs that have not ended (queued, or running when the server stopped), oldest first."""
@@ -129,6 +141,11 @@ class JobStore:
     def total_bytes(self) -> int:
         with self._lock:
             return sum(r.size for r in self._records.values())
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether a new job of `nbytes` fits under the size cap, once what may go is purged."""
+        self.purge()
+        return self.total_bytes() + nbytes <= self.max_bytes
 
     def __len__(self) -> int:
         with self._lock:
@@ -178,16 +195,16 @@ class JobStore:
 
     def create(self, job_id: str, kind: str, settings: dict[str, Any], *, image: bytes | None = None,
                mesh: dict[str, np.ndarray] | None = None, source_job_id: str | None = None,
-               client_job_id: str | None = None) -> JobRecord:
+               client_job_id: str | None = None, owner: str = "") -> JobRecord:
         """Persist a new queued job (its image and mesh first, if it has them, then its record)."""
         if not NAME_PATTERN.fullmatch(job_id):
             raise ValueError(f"bad job id {job_id!r}")
-        record = JobRecord(job_id, time.time(), kind, settings, source_job_id, client_job_id)
+        record = JobRecord(job_id, time.time(), kind, settings, source_job_id, client_job_id, owner)
         with self._lock:
             if job_id in self._records:
                 raise ValueError(f"job {job_id} exists already")
             folder = self._dir(job_id)
-            folder.mkdir()
+            folder.mkdir(mode=PRIVATE_DIR)
             try:
                 if image is not None:
                     atomic_write(folder / INPUT, image)
@@ -197,7 +214,8 @@ class JobStore:
             except BaseException:
                 shutil.rmtree(folder, ignore_errors=True)
                 raise
-            self._records[job_id] = record
+            self._add(record)
+            self._resize(job_id)  # its input counts toward the cap from now on
         return record
 
     def save_ovoxel(self, job_id: str, ovoxel: OVoxel) -> None:
@@ -221,6 +239,7 @@ class JobStore:
                     os.link(src, tmp)
                 except OSError:
                     shutil.copyfile(src, tmp)
+                    os.chmod(tmp, PRIVATE_FILE)
                 os.replace(tmp, dst)
             self._resize(job_id)
 
@@ -269,6 +288,7 @@ class JobStore:
                 if expired or total > self.max_bytes:
                     shutil.rmtree(self._dir(record.job_id), ignore_errors=True)
                     del self._records[record.job_id]
+                    self._by_client.pop((record.owner, record.client_job_id), None)
                     total -= record.size
                     removed.append(record.job_id)
         if removed:
@@ -284,6 +304,11 @@ class JobStore:
         with self._lock:
             record = self._records.get(job_id)
             return record is None or record.terminal
+
+    def _add(self, record: JobRecord) -> None:
+        self._records[record.job_id] = record
+        if record.client_job_id:
+            self._by_client[(record.owner, record.client_job_id)] = record.job_id
 
     def _dir(self, job_id: str) -> Path:
         return self._jobs_dir / job_id
@@ -312,7 +337,8 @@ class JobStore:
                 continue
             if record.terminal:  # a crash between the final record and the input's removal
                 (folder / INPUT).unlink(missing_ok=True)
-            self._records[record.job_id] = record
+            os.chmod(folder, PRIVATE_DIR)
+            self._add(record)
             self._resize(record.job_id)
 
 

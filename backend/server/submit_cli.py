@@ -2,7 +2,10 @@
 `--reprocess JOB_ID` rebuilds an earlier job's asset with other asset settings instead.
 
 Handy for remote servers and scripts: it prints the job id first, so a result whose wait was cut short (Ctrl-C
-cancels the job; a lost connection does not) can be collected later with `--fetch JOB_ID`.
+cancels the job; a lost connection does not) can be collected later with `--fetch JOB_ID`. A server that restarts
+meanwhile is followed through ("backend restarted, resuming") if it is back within RESUME_FOR_S.
+Keys: `--server-key` and `--client-key` for a remote server; without them the `local` keypair a server on this
+machine made in its key folder (`--keys`, default ~/.config/trellis2/keys), if there is one.
 Exit status: 0 result written, 1 the job failed or was cancelled, 2 bad arguments or no server.
 """
 
@@ -16,15 +19,16 @@ from typing import TextIO
 
 import numpy as np
 
-from backend.server.auth import SecurityError, client_keys
 from backend.server.results import textured_mesh_from_result
-from protocol import (Accepted, BackendUnreachable, Cancelled, Client, Error, Generate, Message, Progress,
+from protocol import (Accepted, BackendUnreachable, Cancelled, Client, Error, Generate, Message, Notice, Progress,
                       ProtocolError, Reprocess, Request, Result)
+from protocol.keys import client_curve, default_keys_dir, local_client_curve
 from protocol.settings import GENERATE
 from protocol.settings_cli import add_setting_arguments, given_settings
 
 DEFAULT_SERVER = "tcp://127.0.0.1:5555"
 BAR_WIDTH = 30
+RESUME_FOR_S = 120.0  # how long a silent server may take to come back before the wait ends
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -40,6 +44,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "settings given here, without generating again")
     p.add_argument("--server-key", type=Path, help="the server's public key file (server.key): turns on CURVE")
     p.add_argument("--client-key", type=Path, help="this client's key_secret file, given with --server-key")
+    p.add_argument("--keys", type=Path, default=default_keys_dir(), help="key folder of a server on this machine, "
+                   "used without --server-key (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=None, help="give up waiting after this many seconds")
     add_setting_arguments(p, GENERATE)
     p.set_defaults(run=submit_command)
@@ -62,14 +68,15 @@ def submit_command(args: argparse.Namespace) -> int:
             request = Generate(args.image.read_bytes(), settings)
         elif args.reprocess is not None:
             request = Reprocess(args.reprocess, settings)
-        curve = client_keys(args.server_key, args.client_key) if args.server_key else {}
-    except (OSError, ValueError, SecurityError) as exc:
+        curve = (client_curve(args.server_key, args.client_key) if args.server_key
+                 else local_client_curve(args.keys) or {})
+    except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     output = args.output or Path(args.image.with_suffix(".glb").name if args.image
                                  else f"{args.fetch or args.reprocess}.glb")
     try:
-        with Client(args.server, client_name="backend-submit", **curve) as client:
+        with Client(args.server, client_name="backend-submit", resume_for=RESUME_FOR_S, **curve) as client:
             info = client.hello()
             if info.workers:
                 print(f"server: {info.workers_summary()}, {info.queue_length} job(s) queued or running",
@@ -126,6 +133,7 @@ class ProgressBar:
         self.stream = stream
         self.tty = stream.isatty()
         self._stage = ""
+        self._fraction = 0.0
 
     def show(self, msg: Message) -> None:
         if isinstance(msg, Accepted):
@@ -135,12 +143,15 @@ class ProgressBar:
             if self.tty or msg.stage != self._stage:
                 self._line(what, msg.fraction)
             self._stage = msg.stage
+        elif isinstance(msg, Notice):
+            self._line(msg.text, self._fraction)
 
     def done(self) -> None:
         if self.tty:
             self.stream.write("\n")
 
     def _line(self, what: str, fraction: float) -> None:
+        self._fraction = fraction
         filled = int(round(fraction * BAR_WIDTH))
         text = f"[{'#' * filled}{'.' * (BAR_WIDTH - filled)}] {fraction:4.0%} {what}"
         self.stream.write(f"\r{text:<79}" if self.tty else text + "\n")

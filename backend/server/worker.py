@@ -60,7 +60,8 @@ class JobOrder:
     job_id: str
     spec: JobSpec
     image: bytes | None = None  # generate, texture
-    ovoxel: OVoxel | None = None  # reprocess: the source job's O-Voxel
+    ovoxel: OVoxel | None = None  # reprocess: the source job's O-Voxel; generate, texture: its own, stored before a
+    # restart (only the asset step or bake is left to do)
     mesh: dict[str, np.ndarray] | None = None  # texture (and the reprocess of one): the caller's mesh arrays
 
 
@@ -323,6 +324,9 @@ class EngineWorker:
             if spec.kind == REPROCESS:
                 if job.order.ovoxel is None:
                     raise MissingOVoxel(f"job {spec.source_job_id} has no stored O-Voxel any more (it was purged)")
+                job.ovoxel = job.order.ovoxel
+            elif job.order.ovoxel is not None:  # a generate or texture job made it before a restart
+                log.info("job %s resumes from its stored O-Voxel: only the asset is built", job.job_id)
                 job.ovoxel = job.order.ovoxel
             elif spec.kind == GENERATE:
                 job.ovoxel = self._generate_once(job)

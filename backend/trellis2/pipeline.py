@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from backend.errors import JobFailure, OutOfMemory, UnsupportedSetting
+from backend.errors import NoSurface, OutOfMemory, UnsupportedSetting
 from backend.ovoxel.ovoxel import OVoxel
 from backend.progress import ProgressCallback, Stage, ignore_progress
 from backend.trellis2.checkpoint import CheckpointError, load_pipeline_models, read_pipeline_config
@@ -298,8 +298,7 @@ class Trellis2Pipeline:
             coords = sample_sparse_structure(flow, dec, cond_lr, structure_grid, params["sparse_structure"],
                                              noise, stepper(SPARSE_STRUCTURE))
         if coords.shape[0] == 0:
-            raise JobFailure("the model found no object in this image",
-                             "try another seed, or an image with one clearly separated subject")
+            raise NoSurface("the sparse structure stage found no occupied voxel")
 
         if len(ptype.shape_models) == 1:
             with self.store.use(ptype.shape_models[0]) as flow:
@@ -318,6 +317,8 @@ class Trellis2Pipeline:
             hr_base = self.grids.asset_resolution(hr_name)
             coords, resolution = cascade_coords(hr_raw, lr_resolution, hr_base, int(hr_base * ptype.upscale),
                                                 settings.max_num_tokens)
+            if coords.shape[0] == 0:
+                raise NoSurface("the low-resolution shape decoded to no voxel")
             progress(UPSAMPLE.name, 1, 1)
             with self.store.use(hr_name) as flow:
                 shape_slat = sample_shape_slat(flow, cond_hr, coords, params["shape"], self.shape_norm, noise,
@@ -331,11 +332,13 @@ class Trellis2Pipeline:
         with self.store.use("shape_slat_decoder") as dec:
             dec.set_resolution(resolution)
             shape = dec(shape_slat)
+        vertices, faces = shape.meshes[0]
+        if faces.shape[0] == 0:
+            raise NoSurface("the shape decoder extracted no face")
         progress(DECODE.name, 1, 2)
         with self.store.use("tex_slat_decoder") as dec:
             tex = dec(tex_slat, guide_subs=shape.subs)
         progress(DECODE.name, 2, 2)
-        vertices, faces = shape.meshes[0]
         if not torch.equal(shape.vertices.coords, tex.coords):
             raise RuntimeError("texture decoder voxels differ from the shape decoder's (guide_subs not followed)")
         return OVoxel(

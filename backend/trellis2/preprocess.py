@@ -109,7 +109,12 @@ def preprocess_image(image: Image.Image, remover: Remover | None) -> Image.Image
     has_alpha = image.mode == "RGBA" and bool(np.any(np.asarray(image)[:, :, 3] != 255))
     if max(image.size) > MAX_SIDE:
         scale = MAX_SIDE / max(image.size)  # computed exactly as the reference does, truncation included
-        image = image.resize((int(image.width * scale), int(image.height * scale)), Image.Resampling.LANCZOS)
+        size = (int(image.width * scale), int(image.height * scale))
+        if min(size) == 0:
+            raise ImageInputError(f"the image is {image.width} x {image.height} pixels: scaled to the model's "
+                                  f"{MAX_SIDE}-pixel working size it would be {size[0]} x {size[1]}",
+                                  "crop the image around the object (a roughly square image works best)")
+        image = image.resize(size, Image.Resampling.LANCZOS)
     if not has_alpha:
         image = image.convert("RGB")
         image = image.convert("RGBA") if remover is None else _remove_background(image, remover)

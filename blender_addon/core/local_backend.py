@@ -3,7 +3,8 @@
 It runs `<python> -m backend serve --bind tcp://127.0.0.1:<free port> --weights <weights> --store <home>/jobs`: its
 job store is the add-on's own (so a backend the user runs by hand, which locks the default store, never stops it from
 starting, and results stay re-importable across Blender sessions), and its output goes to `<home>/backend.log`,
-whose last lines become the hint when it fails.
+whose last lines become the hint when it fails. Like every backend it admits only key holders: it makes the user's
+key folder with the `local` keypair on its first start, and the add-on connects with that pair (protocol/keys.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 from ..protocol import BackendUnreachable, Client, DeadlineExceeded
+from ..protocol.keys import local_client_curve
 from .connection import ADDON_VERSION, Say
 from .errors import AddonError
 
@@ -87,11 +89,15 @@ class LocalBackend:
                 raise AddonError(f"The local backend stopped during start-up (exit code {code})",
                                  f"Its log {self.log_path} ends with: {log_tail(self.log_path)}")
             try:
-                with Client(self.address, timeout=2.0, heartbeat_interval=0.2, dead_after=1.0,
+                curve = local_client_curve()
+                if curve is None:  # the backend has not made its keys yet
+                    time.sleep(0.2)
+                    raise DeadlineExceeded("no local keys yet")
+                with Client(self.address, timeout=2.0, heartbeat_interval=0.2, dead_after=1.0, **curve,
                             client_name="blender start-up probe", client_version=ADDON_VERSION) as probe:
                     probe.hello()
                 return
-            except (BackendUnreachable, DeadlineExceeded):
+            except (BackendUnreachable, DeadlineExceeded, ValueError):
                 if time.monotonic() > deadline:
                     self._stop_locked()
                     raise AddonError("The local backend did not answer in time",

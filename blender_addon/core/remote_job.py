@@ -8,6 +8,9 @@ never fire). Either way the events are handled by the same code on the thread th
 is only ever touched there. The worker owns its own protocol Client (zmq sockets must stay on one thread).
 Cancel is sent to the server, which stops the job at its next step. The job's `read_result` checks and converts
 its Result on the worker thread (a generated asset's MeshData by default; core/texturing.py reads texture results).
+A backend that restarts, or a connection made anew, is followed through by the Client (it fetches the job again; its
+Notice shows on the progress line); a backend silent for longer than the connection's resume window ends the job
+with a clear error, so no wait is endless.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ from __future__ import annotations
 import queue
 import threading
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
-from ..protocol import Accepted, Cancelled, Client, Error, Message, Progress, ProtocolError, Request, Result
+from ..protocol import Accepted, Cancelled, Client, Error, Message, Notice, Progress, ProtocolError, Request, Result
 from .connection import Say
 from .errors import AddonError, user_error
 from .result import MeshData, mesh_data
@@ -115,6 +118,8 @@ class RemoteJob:
                                     message=f"{event.queue_position} job(s) ahead" if event.queue_position else "")
         elif isinstance(event, Progress):
             self.status = JobStatus(event.stage, event.step, event.total, event.fraction, event.message)
+        elif isinstance(event, Notice):  # the backend was lost or restarted: the job goes on, say so
+            self.status = replace(self.status, message=event.text)
         elif isinstance(event, Finished):
             self.outcome, self.state = event.outcome, DONE
             self.status = JobStatus("done", fraction=1.0)

@@ -74,7 +74,7 @@ class Session:
         """The job worker's connect function: the remote server, or the local backend started when needed."""
         if plan.mode == REMOTE:
             return lambda say: plan.remote.client()
-        return lambda say: Connection(self.start_local(plan, say)).client()
+        return lambda say: Connection.local(self.start_local(plan, say)).client()
 
     def start_local(self, plan: BackendPlan, say: Say) -> str:
         """Start the local backend unless it runs already; its address. Callable from any thread."""
@@ -94,7 +94,7 @@ class Session:
         """Where the status line asks: the remote server, the local backend once it answered, else nowhere."""
         if plan.mode == REMOTE:
             return plan.remote
-        return Connection(self.backend.address) if self.backend.running and self.backend.ready else None
+        return Connection.local(self.backend.address) if self.backend.running and self.backend.ready else None
 
     def status(self, plan: BackendPlan) -> BackendStatus:
         if plan.mode == LOCAL and self.backend.running and not self.backend.ready:

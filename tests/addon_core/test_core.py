@@ -15,6 +15,7 @@ import synthetic
 from blender_addon.core import errors, result, settings
 from blender_addon.core.connection import DEAD_AFTER_S, Connection
 from blender_addon.core.remote_job import RemoteJob
+from protocol.client import LOST, RESTARTED
 from protocol.settings import GENERATE, REPROCESS, Schema, Setting
 
 # -- settings ----------------------------------------------------------------------------------------
@@ -151,8 +152,8 @@ def server():
         s.stop()
 
 
-def make_job(address: str, **kwargs) -> RemoteJob:
-    connection = Connection(address)
+def make_job(address: str, resume_for: float = 1.0, **kwargs) -> RemoteJob:
+    connection = Connection(address, resume_for=resume_for)
     request = {"request": wire.Generate(png_bytes(4, 4), {"seed": 1})} | kwargs
     return RemoteJob("plane", lambda say: connection.client(), **request)
 
@@ -190,9 +191,10 @@ def test_cancel_reaches_the_server_and_ends_the_job_cancelled(server) -> None:
     assert [m.job_id for m in fake.received if isinstance(m, wire.Cancel)] == ["job-1"]
 
 
-def test_a_lost_backend_is_reported_within_seconds(server) -> None:
+def test_a_lost_backend_is_reported_within_seconds_and_fails_after_the_resume_window(server) -> None:
     fake = server(backend_handler(finish=False))
-    job = make_job(fake.address)
+    seen: list[str] = []
+    job = make_job(fake.address, resume_for=1.0, on_event=lambda j: seen.append(j.status.message))
     job.start()
     while job.job_id is None:
         job.drain()
@@ -200,8 +202,25 @@ def test_a_lost_backend_is_reported_within_seconds(server) -> None:
     fake.mute = True  # the backend hangs: no more pongs
     started = time.monotonic()
     wait(job)
+    assert LOST in seen, "the progress line says the backend is lost while the client reconnects"
     assert job.state == "failed" and job.error.message.endswith("[backend_unreachable]")
-    assert time.monotonic() - started < DEAD_AFTER_S + 2
+    assert time.monotonic() - started < DEAD_AFTER_S + 1.0 + 2
+
+
+def test_a_job_follows_its_backend_through_a_restart(server) -> None:
+    fake = server(backend_handler(finish=False))
+    seen: list[str] = []
+    job = make_job(fake.address, on_event=lambda j: seen.append(j.status.message))
+    job.start()
+    deadline = time.monotonic() + 10
+    while job.status.stage != "shape" and time.monotonic() < deadline:
+        job.drain()
+        time.sleep(0.02)
+    fake.handler = backend_handler()  # the restarted backend has finished the job: fetch returns its result
+    fake.restart()
+    wait(job)
+    assert RESTARTED in seen and job.state == "done" and job.outcome.face_count == 18
+    assert [m.job_id for m in fake.received if isinstance(m, wire.Fetch)] == ["job-1"]
 
 
 def test_a_server_error_fails_the_job_with_the_servers_hint(server) -> None:
@@ -241,6 +260,6 @@ def test_the_status_line_shows_the_queue_and_how_many_workers_serve():
 
     workers = [wire.WorkerStatus("gpu0", "box", "cuda", wire.WorkerState.BUSY, ["job-1"]),
                wire.WorkerStatus("gpu1", "box", "cuda", wire.WorkerState.IDLE)]
-    info = wire.Info("s", "1", "m", wire.ModelStatus.READY, "2 workers: cuda", 3, workers=workers)
+    info = wire.Info("s", "1", "m", wire.ModelStatus.READY, "2 workers: cuda", 3, "i", workers=workers)
     text = BackendStatus.from_info(info).text
     assert "3 job(s)" in text and "2 workers (1 busy)" in text

@@ -10,6 +10,7 @@ from asset_shapes import pbr_pattern, sphere_sdf, torus_sdf, union, voxelize
 from test_mesh_repair import directed_edges_agree, signed_volume
 
 from backend.asset.meshutil import edges_of
+from backend.errors import JobFailure
 from backend.ovoxel.ovoxel import OVoxel
 from backend.asset.postprocess import asset_stages, build_textured_mesh, manifold_surface
 from backend.asset.remesh import remesh_narrow_band
@@ -69,6 +70,16 @@ def test_alpha_mode_and_double_sided(ovoxel: OVoxel) -> None:
     centre_z = ovoxel.vertices[ovoxel.faces].mean(axis=1)[:, 2]
     cut = OVoxel(ovoxel.coords, ovoxel.attrs, 64, ovoxel.vertices, ovoxel.faces[centre_z < 0.15])
     assert build_textured_mesh(cut, settings, device="cpu").double_sided
+
+
+@pytest.mark.parametrize("faces", [np.zeros((0, 3), np.int32), np.array([[0, 0, 0], [0, 1, 1], [2, 2, 2]], np.int32)])
+def test_a_surface_with_nothing_to_build_is_a_job_failure(faces: np.ndarray) -> None:
+    vertices = np.array([[0, 0, 0], [0.1, 0, 0], [0, 0.1, 0]], np.float32)
+    empty = OVoxel(np.zeros((1, 3), np.int32), np.ones((1, 6), np.float32), 64, vertices, faces)
+    with pytest.raises(JobFailure) as info:
+        build_textured_mesh(empty, AssetSettings(faces=2000, texture_size=256), device="cpu")
+    assert info.value.code == "job_failed" and "produced no surface" in info.value.message
+    assert info.value.hint == "try another seed or image"
 
 
 def test_cancel_from_progress(ovoxel: OVoxel) -> None:

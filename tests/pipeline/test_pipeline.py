@@ -193,12 +193,23 @@ def test_the_ovoxel_carries_a_dual_grid_that_rebuilds_the_decoded_mesh(pipe, ima
     assert np.allclose(vertices, result.vertices, atol=1e-6)
 
 
-def test_no_object_found_is_a_job_failure_that_names_what_to_try(pipe, image, monkeypatch) -> None:
-    monkeypatch.setattr(pipeline_module, "sample_sparse_structure",
-                        lambda *args, **kwargs: torch.zeros((0, 4), dtype=torch.int32))
+@pytest.mark.parametrize("empty, pipeline_type, where", [
+    ("sample_sparse_structure", "512", "sparse structure"),
+    ("cascade_coords", "1024_cascade", "low-resolution shape"),
+])
+def test_no_object_found_is_a_job_failure_that_names_what_to_try(pipe, image, monkeypatch, empty, pipeline_type,
+                                                                 where) -> None:
+    real = getattr(pipeline_module, empty)
+
+    def nothing(*args, **kwargs):
+        out = real(*args, **kwargs)
+        return (out[0][:0], *out[1:]) if isinstance(out, tuple) else out[:0]
+
+    monkeypatch.setattr(pipeline_module, empty, nothing)
     with pytest.raises(JobFailure) as info:
-        pipe.run(image, _fast(pipe))
+        pipe.run(image, _fast(pipe, pipeline_type=pipeline_type))
     assert info.value.code == "job_failed" and "seed" in info.value.hint
+    assert "produced no surface" in info.value.message and where in info.value.message
 
 
 def test_a_flow_declaring_another_grid_than_the_reference_table_is_refused(tmp_path) -> None:

@@ -115,6 +115,14 @@ def test_zero_size_image_is_rejected():
         preprocess_image(Image.new("RGB", (0, 7)), None)
 
 
+@pytest.mark.parametrize("size", [(8192, 1), (1, 4096), (4096, 3)])
+def test_an_image_too_thin_for_the_working_size_is_refused_clearly(size):
+    with pytest.raises(ImageInputError) as info:
+        preprocess_image(Image.new("RGB", size, (200, 10, 10)), None)
+    assert f"{size[0]} x {size[1]} pixels" in info.value.message and "crop" in info.value.hint
+    assert info.value.code == "invalid_image"
+
+
 def test_sixteen_bit_grayscale_is_scaled_not_clipped():
     samples = (np.arange(256, dtype=np.uint16) * 257).reshape(16, 16)  # 0, 257, ..., 65535
     image = load_image(encode(Image.fromarray(samples)))

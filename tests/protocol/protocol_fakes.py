@@ -6,6 +6,7 @@ import queue
 import struct
 import threading
 import zlib
+from dataclasses import replace
 from typing import Callable
 
 import numpy as np
@@ -33,7 +34,7 @@ def sample_messages() -> list[Message]:
     rng = np.random.default_rng(0)
     return [
         Hello("blender", "4.2.0"),
-        Info("trellis2-backend", "0.1.0", "microsoft/TRELLIS.2-4B", ModelStatus.READY, "cuda:0 NVIDIA H100", 3,
+        Info("trellis2-backend", "0.1.0", "microsoft/TRELLIS.2-4B", ModelStatus.READY, "cuda:0 NVIDIA H100", 3, "a1b2",
              gpu_memory_free=40 << 30, gpu_memory_total=80 << 30, capabilities=["texture", "cancel"],
              limits=Limits(max_image_bytes=1 << 20), details={"torch": "2.13", "cuda": [12, 8]},
              settings=SETTINGS.to_wire(),
@@ -41,7 +42,7 @@ def sample_messages() -> list[Message]:
                                    ["sparse_structure_flow_model"], 0, 4242),
                       WorkerStatus("ray3", "box-2", "cuda", WorkerState.RESTARTING, restarts=2,
                                    error="was killed by SIGKILL")]),
-        Info("b", "0", "m", ModelStatus.LOADING, "cpu", 0),
+        Info("b", "0", "m", ModelStatus.LOADING, "cpu", 0, "c3"),
         Generate(png_bytes(), {"seed": 42, "steps": 12, "cfg": 7.5, "name": "chair", "flags": [True, None],
                              "sub": {"deep": {"x": -1}}}, "client-1"),
         Generate(png_bytes(3, 2, 1)),
@@ -60,7 +61,7 @@ def sample_messages() -> list[Message]:
         Cancelled("job-1"),
         Fetch("job-1"),
         Ping(7),
-        Pong(7),
+        Pong(7, "a1b2", True),
         Reprocess("job-1", {"faces": 20_000}, "client-2"),
         Reprocess("job-1"),
         Texture(png_bytes(), {"positions": rng.random((4, 3), dtype=np.float32),
@@ -88,15 +89,20 @@ Handler = Callable[[Message], list[Message]]
 
 
 class FakeServer:
-    """ROUTER server thread. Answers pings itself; everything else goes to `handler`, whose replies are
-    sent back to the asking client. `mute` makes it a hung server (reads, never answers); `push`
-    sends a message to the last client from the server thread; `stop` kills it."""
+    """ROUTER server thread. Answers pings itself (with its `instance` and whether the connection said hello);
+    everything else goes to `handler`, whose replies are sent back to the asking client (an `info` among them gets
+    this server's instance). `mute` makes it a hung server (reads, never answers); `push` sends a message to the
+    last client from the server thread; `restart` gives it a new instance and forgets every hello, as a restarted
+    server would; `stop` kills it. `address` binds it where an earlier one was."""
 
-    def __init__(self, handler: Handler, limits: Limits = DEFAULT_LIMITS, curve_secret_key: bytes | None = None):
+    def __init__(self, handler: Handler, limits: Limits = DEFAULT_LIMITS, curve_secret_key: bytes | None = None,
+                 address: str | None = None):
         self.handler = handler
         self.limits = limits
         self.received: list[Message] = []
         self.mute = False
+        self.instance = "fake-1"
+        self._greeted: set[bytes] = set()
         self._outbox: queue.Queue[Message] = queue.Queue()
         self._identity: list = []
         self._stop = threading.Event()
@@ -105,13 +111,20 @@ class FakeServer:
         if curve_secret_key is not None:
             self._sock.curve_server = True
             self._sock.curve_secretkey = curve_secret_key
-        port = self._sock.bind_to_random_port("tcp://127.0.0.1")
-        self.address = f"tcp://127.0.0.1:{port}"
+        if address is None:
+            address = f"tcp://127.0.0.1:{self._sock.bind_to_random_port('tcp://127.0.0.1')}"
+        else:
+            self._sock.bind(address)
+        self.address = address
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
     def push(self, msg: Message) -> None:
         self._outbox.put(msg)
+
+    def restart(self) -> None:
+        self.instance = f"fake-{int(self.instance.rpartition('-')[2]) + 1}"
+        self._greeted.clear()
 
     def stop(self) -> None:
         self._stop.set()
@@ -132,7 +145,10 @@ class FakeServer:
                     replies: list[Message] = [Error.from_exception(exc)]
                 else:
                     self.received.append(msg)
-                    replies = [Pong(msg.seq)] if isinstance(msg, Ping) else self.handler(msg)
+                    if isinstance(msg, Hello):
+                        self._greeted.add(bytes(identity[0]))
+                    replies = ([Pong(msg.seq, self.instance, bytes(identity[0]) in self._greeted)]
+                               if isinstance(msg, Ping) else self.handler(msg))
                 if not self.mute:
                     for reply in replies:
                         self._send(identity, reply)
@@ -140,11 +156,13 @@ class FakeServer:
             self._sock.close(linger=0)
 
     def _send(self, identity: list, msg: Message) -> None:
+        if isinstance(msg, Info):
+            msg = replace(msg, instance=self.instance)
         self._sock.send_multipart(join_envelope(identity, encode(msg, self.limits)), copy=False)
 
 
 def info_for(limits: Limits = DEFAULT_LIMITS) -> Info:
-    return Info("fake", "0.0", "tiny", ModelStatus.READY, "cpu", 0, limits=limits)
+    return Info("fake", "0.0", "tiny", ModelStatus.READY, "cpu", 0, "fake-1", limits=limits)
 
 
 def standard_handler(msg: Message) -> list[Message]:

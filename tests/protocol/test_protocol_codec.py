@@ -108,11 +108,11 @@ def test_settings_are_normalised_and_validated():
     lambda: Progress("../etc", "s", 1, 2, 0.5),
     lambda: Progress("", "s", 1, 2, 0.5),
     lambda: Progress("j" * 129, "s", 1, 2, 0.5),
-    lambda: Info("s", "1", "m", "sleeping", "cpu", 0),
-    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", -1),
-    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[{"name": "w0"}]),
-    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[WorkerStatus("w", "h", "cpu", "asleep")]),
-    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[WorkerStatus("w", "h", "cpu", "idle", ["../x"])]),
+    lambda: Info("s", "1", "m", "sleeping", "cpu", 0, "i"),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", -1, "i"),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i", workers=[{"name": "w0"}]),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i", workers=[WorkerStatus("w", "h", "cpu", "asleep")]),
+    lambda: Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i", workers=[WorkerStatus("w", "h", "cpu", "idle", ["../x"])]),
     lambda: Error("no_such_code", "m"),
     lambda: Generate("not bytes"),
     lambda: Result("j", mesh={"bad name!": np.zeros(1)}),
@@ -161,7 +161,7 @@ def test_error_converts_from_and_to_exceptions():
 
 def test_info_carries_the_servers_limits():
     limits = Limits(max_image_bytes=12345, max_arrays=3)
-    info = decode(encode(Info("s", "1", "m", ModelStatus.READY, "cpu", 0, limits=limits)))
+    info = decode(encode(Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i", limits=limits)))
     assert info.limits == limits
 
 
@@ -199,7 +199,7 @@ def test_info_sums_up_its_workers_for_status_lines():
     busy = WorkerStatus("gpu0", "h", "cuda", WorkerState.BUSY, ["j"])
     idle = WorkerStatus("gpu1", "h", "cuda", WorkerState.IDLE)
     lost = WorkerStatus("gpu2", "h", "cuda", WorkerState.RESTARTING)
-    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[busy, idle, lost]).workers_summary() == \
+    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i", workers=[busy, idle, lost]).workers_summary() == \
         "3 workers (1 busy, 1 restarting)"
-    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0, workers=[idle]).workers_summary() == "1 worker"
-    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0).workers_summary() == ""
+    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i", workers=[idle]).workers_summary() == "1 worker"
+    assert Info("s", "1", "m", ModelStatus.READY, "cpu", 0, "i").workers_summary() == ""

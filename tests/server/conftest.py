@@ -13,10 +13,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))  # lets test modules import server_testkit in any --import-mode
 
+from backend.server.auth import make_keys  # noqa: E402
 from backend.server.server import Server, ServerConfig  # noqa: E402
 from backend.trellis2.tiny import write_tiny_checkpoint  # noqa: E402
 from protocol import ModelStatus  # noqa: E402
-from server_testkit import Controls, controlled_engine, wait_until  # noqa: E402
+from protocol.keys import default_keys_dir  # noqa: E402
+from server_testkit import OTHER_CLIENT, Controls, controlled_engine, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -31,6 +33,8 @@ def controls() -> Controls:
 
 @pytest.fixture(scope="session")
 def server(tiny_weights, controls, tmp_path_factory) -> Server:
+    """The shared server, in the test's default key folder, which also lets in a second client key, OTHER_CLIENT."""
+    make_keys(default_keys_dir(), OTHER_CLIENT)
     config = ServerConfig(bind="tcp://127.0.0.1:*", weights=str(tiny_weights), device="cpu",
                           store=tmp_path_factory.mktemp("store"), max_queue=8, grace_s=0.0)
     # One intra-op thread: two OpenMP threads on a 2-core machine shared with the test's own client threads (and

@@ -18,10 +18,13 @@ from PIL import Image
 
 from backend.asset.postprocess import build_textured_mesh
 from backend.engine import Engine, load_engine
+from backend.server.server import Server, ServerConfig
 from protocol import Client, Message, Progress, decode, encode, split_envelope
+from protocol.keys import client_curve, client_secret_file, default_keys_dir, local_client_curve, server_key_file
 
 FAST_ASSET = {"faces": 1000, "texture_size": 256}  # keeps the real asset step at a fraction of a second
 HELD_STAGE = "held"
+OTHER_CLIENT = "other"  # a second client keypair the shared server lets in: another owner
 
 
 class Controls:
@@ -64,8 +67,6 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
-
-
 def corrupt_png() -> bytes:
     """A PNG whose header is fine (the protocol accepts it) but whose pixel data is garbage."""
     data = bytearray(png())
@@ -89,17 +90,45 @@ def wait_for_stage(client: Client, job_id: str, stage: str, timeout: float = 60)
             return
 
 
-def connect(endpoint: str, **kwargs) -> Client:
-    """A client patient enough for a loaded 2-core machine."""
-    return Client(endpoint, **{"timeout": 30.0, "heartbeat_interval": 0.5, "dead_after": 15.0, **kwargs})
+def local_keys() -> dict:
+    """The `local` client keypair a loopback server made in the (test's) default key folder."""
+    curve = local_client_curve()
+    assert curve is not None, "no server has made the local keys yet"
+    return curve
+
+
+def other_keys() -> dict:
+    """OTHER_CLIENT's keypair: a client that owns none of the local client's jobs."""
+    folder = default_keys_dir()
+    return client_curve(server_key_file(folder), client_secret_file(folder, OTHER_CLIENT))
+
+
+def connect(endpoint: str, curve: dict | None = None, **kwargs) -> Client:
+    """A client patient enough for a loaded 2-core machine, holding the local keys unless `curve` gives others
+    ({}: none)."""
+    return Client(endpoint, **{"timeout": 30.0, "heartbeat_interval": 0.5, "dead_after": 15.0,
+                               **(local_keys() if curve is None else curve), **kwargs})
 
 
 class RawPeer:
-    """A bare DEALER socket, to send what a well-behaved Client never would."""
+    """A bare DEALER socket (with the local keys, unless `curve` says otherwise), to send what a well-behaved Client
+    never would. `identity` fixes its ROUTER identity (the server's name for the connection); `stalled` makes it a
+    client that does not read: its libzmq takes one message, then leaves the rest in the server's TCP buffers."""
 
-    def __init__(self, endpoint: str) -> None:
+    def __init__(self, endpoint: str, curve: dict | None = None, identity: bytes | None = None,
+                 stalled: bool = False) -> None:
         self.sock = zmq.Context.instance().socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        if identity is not None:
+            self.sock.setsockopt(zmq.ROUTING_ID, identity)
+        if stalled:
+            self.sock.setsockopt(zmq.RCVHWM, 1)
+            self.sock.setsockopt(zmq.RCVBUF, 4096)
+        curve = local_keys() if curve is None else curve
+        if curve:
+            public, secret = curve["curve_client_keys"]
+            self.sock.curve_serverkey, self.sock.curve_publickey, self.sock.curve_secretkey = (
+                curve["curve_server_key"], public, secret)
         self.sock.connect(endpoint)
 
     def send_frames(self, frames: list[bytes]) -> None:
@@ -116,3 +145,22 @@ class RawPeer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
+
+
+def no_models():
+    raise RuntimeError("this test server has no models")
+
+
+def serve_in_thread(config: ServerConfig) -> tuple[Server, threading.Thread]:
+    """A server of its own for one test (models that fail to load: it refuses jobs); stop it with `stop_served`."""
+    server = Server(config, no_models)
+    server.start()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    return server, thread
+
+
+def stop_served(server: Server, thread: threading.Thread) -> None:
+    server.stop(immediate=True)
+    thread.join(30)
+    assert not thread.is_alive()

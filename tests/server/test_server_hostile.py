@@ -8,8 +8,12 @@ import random
 import msgpack
 import pytest
 
-from protocol import PROTOCOL_VERSION, Cancel, Error, ErrorCode, Fetch, Hello, Info, Ping, Pong, Result, encode
-from server_testkit import RawPeer, connect, png
+from backend.server.server import ServerConfig
+from protocol import (PROTOCOL_VERSION, Cancel, Error, ErrorCode, Fetch, Hello, Info, Limits, Ping, Pong, Result,
+                      encode)
+from protocol.keys import local_client_curve
+from protocol.limits import PEER_MINIMUM
+from server_testkit import RawPeer, connect, png, serve_in_thread, stop_served
 
 
 def header(kind: str, body: dict, v: int = PROTOCOL_VERSION, frames: list | None = None) -> bytes:
@@ -29,7 +33,8 @@ def peer(server):
 
 def assert_alive(peer: RawPeer) -> None:
     peer.send(Ping(77))
-    assert peer.recv() == Pong(77)
+    reply = peer.recv()
+    assert isinstance(reply, Pong) and reply.seq == 77
 
 
 @pytest.mark.parametrize("frames, code", [
@@ -88,10 +93,45 @@ def test_fuzzed_messages_never_stop_the_server(server, peer):
     replies = 0
     while peer.recv(timeout=2.0) is not None:
         replies += 1
-    assert replies >= 290, "nearly every message gets an answer (a hello whose limits cannot hold `info` gets none)"
+    assert replies == 300, "every message gets an answer: info, pong, or an error (no limits can prevent one)"
     assert_alive(peer)
     with connect(server.endpoint) as client:
         assert isinstance(client.hello(), Info)
+
+
+def test_a_client_cannot_go_under_the_minimum_limits_to_end_the_server(server, peer):
+    tiny = Limits().to_dict() | {"max_header_bytes": 16}
+    peer.send_frames([b"", header("hello", {"client": "evil", "client_version": "1", "limits": tiny})])
+    refused = peer.recv()
+    assert isinstance(refused, Error) and refused.code == ErrorCode.MALFORMED_MESSAGE
+    assert "max_header_bytes = 16" in refused.message and "minimum" in refused.hint
+    least = Limits(**PEER_MINIMUM)
+    peer.send(Hello("frugal", "1", least))
+    assert isinstance(peer.recv(), Info), "info fits the minimum limits"
+    for frames in ([b"", b"\xc1"], [b"", header("launch", {})], [b"", header("fetch", {"job_id": "nope"})]):
+        peer.send_frames(frames)  # each answered with an error, encoded within the client's minimum limits
+        assert isinstance(peer.recv(), Error)
+    assert_alive(peer)
+    with connect(server.endpoint) as client:
+        assert isinstance(client.hello(), Info)
+
+
+def test_a_message_over_max_message_bytes_is_refused_whole(tmp_path):
+    small = Limits(max_message_bytes=6 << 20, max_image_bytes=4 << 20)
+    srv, thread = serve_in_thread(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store",
+                                               keys=tmp_path / "keys", limits=small))
+    peer = RawPeer(srv.endpoint, local_client_curve(tmp_path / "keys"))
+    try:
+        frames = [header("generate", GENERATE_BODY, frames=IMAGE_FRAME), *[bytes(4 << 20)] * 3]
+        peer.send_frames([b"", *frames])  # three frames each within the socket's limit, 12 MiB together
+        reply = peer.recv()
+        assert isinstance(reply, Error) and reply.code == ErrorCode.LIMIT_EXCEEDED
+        assert "max_message_bytes" in reply.message or "max_arrays" in reply.message
+        assert_alive(peer)
+        assert not list((tmp_path / "store" / "jobs").iterdir()), "nothing of it was kept"
+    finally:
+        peer.close()
+        stop_served(srv, thread)
 
 
 def test_a_result_from_a_client_is_refused(peer):

@@ -127,7 +127,7 @@ def test_pings_are_answered_mid_step_and_cancel_stops_generation_between_steps(s
         try:
             for seq in range(5):
                 pinger.send(Ping(seq))
-                assert pinger.recv(timeout=5) == Pong(seq)
+                assert pinger.recv(timeout=5) == Pong(seq, server.instance, False)
         finally:
             pinger.close()
         assert server.worker.running() == [job_id], "the pongs came while the job was running"

@@ -170,13 +170,13 @@ def test_overlap_needs_room_for_both_measured_peaks(available, peaks, fits):
 def test_serve_with_two_worker_processes_from_the_command_line(tiny_weights, tmp_path):
     """As an operator runs it: `serve --workers 2`; jobs from two clients use both workers, a killed worker comes
     back, and SIGTERM ends the server and its worker processes."""
-    from test_server_restart import ServerProcess, wait_ready
+    from test_server_restart import ServerProcess, free_address
 
-    served = ServerProcess(tiny_weights, tmp_path / "store", tmp_path / "serve.log", "--workers", "2", "--grace", "0",
-                           "--hang-timeout", str(HANG_TIMEOUT_S))
+    served = ServerProcess(tiny_weights, tmp_path / "store", tmp_path / "serve.log", free_address(), "--workers", "2",
+                           "--grace", "0", "--hang-timeout", str(HANG_TIMEOUT_S))
     try:
         with connect(served.endpoint) as client:
-            wait_ready(client)
+            wait_until(lambda: client.info(refresh=True).model_status == ModelStatus.READY, 60, "the models")
             wait_until(lambda: [w.state.value for w in client.info(refresh=True).workers] == ["idle", "idle"], 120,
                        "both workers")
             workers = client.info(refresh=True).workers

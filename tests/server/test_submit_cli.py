@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import re
 
 import numpy as np
 
 from backend.asset.glb import read_glb
-from backend.server.submit_cli import register
+from backend.server.submit_cli import ProgressBar, register
+from protocol import Notice, Progress
+from protocol.client import RESTARTED
 from server_testkit import FAST_ASSET, png
 
 
@@ -49,3 +52,11 @@ def test_submit_reports_failures_with_the_servers_words(server, tmp_path, capsys
     assert run(str(tmp_path / "missing.png"), "--server", server.endpoint) == 2
     assert run("--server", server.endpoint) == 2, "neither an image nor --fetch"
     assert not list(tmp_path.glob("*.glb"))
+
+
+def test_the_progress_line_says_when_the_server_restarted():
+    stream = io.StringIO()
+    bar = ProgressBar(stream)
+    bar.show(Progress("job-1", "shape", 2, 4, 0.4))
+    bar.show(Notice("job-1", RESTARTED))
+    assert stream.getvalue().splitlines()[-1].endswith(f" 40% {RESTARTED}"), "the notice keeps the fraction"
