@@ -151,7 +151,7 @@ def require_texturing(prefs) -> None:
     session = addon_module("blender.running").session
     address = session.start_local(prefs.backend_plan(connecting=True), lambda text: None)
     deadline = time.monotonic() + 120
-    with addon_module("core.connection").Connection(address).client() as client:
+    with addon_module("core.connection").Connection.local(address).client() as client:
         info = client.hello()
         loading = (wire.ModelStatus.NOT_LOADED, wire.ModelStatus.LOADING)
         while info.model_status in loading and time.monotonic() < deadline:
