@@ -10,7 +10,8 @@ import importlib
 import sys
 
 # Modules that add their own subcommands through `register(subparsers)`.
-COMMAND_MODULES = ["backend.generate_cli", "backend.texture_cli", "backend.ovoxel_cli", "backend.server", "backend.bench"]
+COMMAND_MODULES = ["backend.generate_cli", "backend.texture_cli", "backend.ovoxel_cli", "backend.server", "backend.bench",
+                   "backend.weights"]
 
 
 def _golden(args: argparse.Namespace) -> int:

@@ -141,11 +141,14 @@ def _out_of_memory_as_failure(what: str) -> Iterator[None]:
 
 def load_engine(weights: str | None, device: str | None = None, memory: str = "auto",
                 build_asset: AssetBuilder | None = None) -> Engine:
-    """The real engine: TRELLIS.2 from `weights` and, unless given, backend.asset.postprocess for the asset."""
+    """The real engine: TRELLIS.2 from `weights` and, unless given, backend.asset.postprocess for the asset. Missing
+    weight files are downloaded first, or fail within seconds with what to do (backend.weights)."""
     from backend.trellis2.checkpoint import CheckpointError
+    from backend.weights import PIPELINE_CHOICES, ensure_available
 
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     weights = weights or DEFAULT_WEIGHTS
+    ensure_available(weights, PIPELINE_CHOICES)
     pipeline = Trellis2Pipeline.from_pretrained(weights, device=dev, memory=memory)
     try:
         texturing = TexturingPipeline.alongside(pipeline, weights)

@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from backend.errors import ModelUnavailable
-from backend.trellis2.pipeline_types import PIPELINE_TYPES, TEXTURING_MODELS
+from protocol.settings import DEFAULT_WEIGHTS
+from backend.trellis2.pipeline_types import ALWAYS_LOADED, PIPELINE_TYPES, TEXTURING_MODELS
 
 DINOV3_FILES = ("config.json", "model.safetensors")
 # Called as bytes arrive: (file being fetched, bytes of it done, its total bytes or 0 when unknown).
@@ -69,10 +70,9 @@ def _stem_files(weights: str, stem: str, role: str) -> list[WeightFile]:
 
 def models_for(pipelines: Iterable[str]) -> list[str]:
     """The pipeline.json model keys the given pipeline types (and "texturing") load, in loading order."""
-    names = ["sparse_structure_flow_model", "sparse_structure_decoder", "shape_slat_decoder", "tex_slat_decoder"]
+    names = list(ALWAYS_LOADED)
     for name in pipelines:
-        models = TEXTURING_MODELS if name == "texturing" else (*PIPELINE_TYPES[name].shape_models,
-                                                               PIPELINE_TYPES[name].tex_model)
+        models = TEXTURING_MODELS if name == "texturing" else PIPELINE_TYPES[name].models
         names += [m for m in models if m not in names]
     return names
 
@@ -106,7 +106,9 @@ def read_config(weights: str, filename: str = "pipeline.json") -> dict[str, Any]
             raise ModelUnavailable(f"{weights} holds no {filename}",
                                    "give the folder of a TRELLIS.2 checkpoint (pipeline.json + ckpts/) or a Hugging "
                                    "Face repo id such as microsoft/TRELLIS.2-4B")
-        return json.loads(Path(_download(WeightFile(weights, filename, filename))).read_text())
+        config_file = WeightFile(weights, filename, filename)
+        cached = _cached(weights, config_file)
+        return json.loads((cached or Path(_download(config_file))).read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ModelUnavailable(f"cannot read {filename} of {weights}: {exc}", _hub_hint()) from exc
 
@@ -141,6 +143,58 @@ def check_access(repo: str) -> None:
     except Exception as exc:  # no network, DNS, proxy: say so, with the offline way out
         raise ModelUnavailable(f"the Hugging Face hub cannot be reached ({type(exc).__name__}: "
                                f"{str(exc).splitlines()[0] if str(exc) else 'no answer'})", _hub_hint()) from exc
+
+
+def hub_reachable(timeout: float = NETWORK_TIMEOUT_S) -> bool:
+    """Whether the hub answers a TCP connection within `timeout` (False with HF_HUB_OFFLINE=1). Asked before any
+    download, because huggingface_hub retries an unreachable hub with back-off for about half a minute per file."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline() -> None:
+    """Use only cached files from now on in this process (huggingface_hub and transformers), so that a machine
+    without a connection loads its cached weights at once instead of retrying every file."""
+    import os
+
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+
+
+def ensure_available(weights: str, pipelines: Iterable[str], progress: DownloadProgress | None = None) -> None:
+    """Every file the pipelines need is here afterwards, or ModelUnavailable says, within seconds, what is missing
+    and how to get it. Without a reachable hub the process goes offline (cached files only)."""
+    online = hub_reachable()
+    if not online:
+        go_offline()
+    pipelines = list(pipelines)
+    config = read_config(weights)
+    texturing = None
+    if "texturing" in pipelines:
+        try:
+            texturing = read_config(weights, "texturing_pipeline.json")
+        except ModelUnavailable:  # weights without texturing: the image pipeline alone
+            pipelines.remove("texturing")
+    statuses = status(weights, needed_files(weights, config, pipelines, texturing), ask_hub=False)
+    missing = [s for s in statuses if s.local is None]
+    if missing and not online:
+        names = ", ".join(s.file.name for s in missing[:3]) + (" ..." if len(missing) > 3 else "")
+        raise ModelUnavailable(f"{len(missing)} of the {len(statuses)} weight files are not here and the Hugging Face "
+                               f"hub cannot be reached ({names})", _hub_hint())
+    download(weights, statuses, progress)
 
 
 def download(weights: str, statuses: list[FileStatus], progress: DownloadProgress | None = None) -> list[Path]:
@@ -188,7 +242,11 @@ def _fill_remote_sizes(missing: list[FileStatus]) -> None:
 
 
 def _download(f: WeightFile, progress: DownloadProgress | None = None) -> str:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
+
+    if constants.HF_HUB_OFFLINE:
+        raise ModelUnavailable(f"{f.name} is not cached here and the Hugging Face hub cannot be reached (or "
+                               "HF_HUB_OFFLINE=1 is set)", _hub_hint())
 
     kwargs = {} if progress is None else {"tqdm_class": _progress_bar_class(f.name, progress)}
     try:
@@ -223,3 +281,81 @@ def _hub_hint() -> str:
             f"licence on its hub page and `hf auth login` first); files are cached in {constants.HF_HUB_CACHE} "
             f"(HF_HOME moves it); copy that cache, or a folder in the hub layout given as --weights, to an offline "
             f"machine and set HF_HUB_OFFLINE=1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# command line
+
+PIPELINE_CHOICES = (*PIPELINE_TYPES, "texturing")
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser("weights", help="list, check and download the weights the pipelines need",
+                              description="Every file the chosen pipelines need, what is cached (with sizes), and "
+                                          "downloading the rest (resumable; the gated DINOv3 access is checked first).")
+    p.add_argument("action", choices=("check", "download"), nargs="?", default="check")
+    p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="hub repo id or local folder (default: %(default)s)")
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_CHOICES, default=list(PIPELINE_CHOICES),
+                   help="which pipelines to provide for (default: all)")
+    p.add_argument("--offline", action="store_true", help="only look at the cache (no hub queries for sizes)")
+    p.set_defaults(run=weights_command)
+
+
+def weights_command(args: Any) -> int:
+    import sys
+
+    try:
+        online = not args.offline and hub_reachable()
+        if not online:
+            go_offline()
+        config = read_config(args.weights)
+        texturing = read_config(args.weights, "texturing_pipeline.json") if "texturing" in args.pipelines else None
+        files = needed_files(args.weights, config, args.pipelines, texturing)
+        statuses = status(args.weights, files, ask_hub=online)
+        _print_table(statuses)
+        missing = [s for s in statuses if s.local is None]
+        if args.action == "check":
+            if missing:
+                size = sum(s.size or 0 for s in missing)
+                print(f"{len(missing)} of {len(statuses)} files missing ({_size(size) if size else 'size unknown'});"
+                      f" get them with: python -m backend weights download --weights {args.weights}", file=sys.stderr)
+                return 1
+            print(f"all {len(statuses)} files are here", file=sys.stderr)
+            return 0
+        if missing and not online:
+            raise ModelUnavailable("the Hugging Face hub cannot be reached from here", _hub_hint())
+        download(args.weights, statuses, _ProgressBar(sys.stderr))
+        print(f"\nall {len(statuses)} files are here", file=sys.stderr)
+        return 0
+    except ModelUnavailable as exc:
+        print(f"error: {exc.message}\nhint: {exc.hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nstopped; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _print_table(statuses: list[FileStatus]) -> None:
+    for s in statuses:
+        where = str(s.local) if s.local is not None else "missing"
+        print(f"{s.file.role:<32} {_size(s.size) if s.size else '?':>9}  {s.file.name}  [{where}]")
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**30:.2f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB"
+
+
+class _ProgressBar:
+    """One redrawn line per file being downloaded: name, bytes, percentage."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.tty = stream, stream.isatty()
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        pct = f"{100 * done / total:5.1f}%" if total else ""
+        line = f"{name}: {_size(done)}{' of ' + _size(total) if total else ''} {pct}"
+        if self.tty:
+            self.stream.write(f"\r{line:<100}")
+        elif total and done >= total:
+            self.stream.write(line + "\n")
+        self.stream.flush()

@@ -273,7 +273,8 @@ SETTINGS = Schema(
                 "asset", "asset"),
         Setting("alpha_mode", "str", "AUTO", "Alpha", "How the texture's alpha becomes transparency",
                 TEXTURE_AND_ASSET, "asset", "asset", choices=(
-                    Choice("AUTO", "Auto", "Blend when the texture has transparent texels, else opaque"),
+                    Choice("AUTO", "Auto", "Opaque unless 0.5% of the surface is clearly transparent (alpha < 0.9); "
+                                           "then Mask for cut-outs, Blend where much of it is partly transparent"),
                     Choice("OPAQUE", "Opaque", "Ignore the texture's alpha"),
                     Choice("MASK", "Mask", "Cut out texels below the alpha cutoff"),
                     Choice("BLEND", "Blend", "Smooth transparency from the texture's alpha"))),

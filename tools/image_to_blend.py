@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -70,6 +71,17 @@ def configure(bpy, args: argparse.Namespace) -> None:
         prefs.backend_python, prefs.weights = str(Path(args.backend_python).absolute()), args.weights
 
 
+def weights_ready(args: argparse.Namespace) -> bool:
+    """For a local backend: get the weights first, in the foreground, so the user sees the download's progress, and
+    a machine without them (and without a connection) hears it within seconds, once (`backend weights download`
+    prints what is missing and what to do)."""
+    python = Path(args.backend_python)
+    if args.server or not python.is_file():  # a missing backend Python is the add-on's to report, with its fix
+        return True
+    return subprocess.run([str(python), "-m", "backend", "weights", "download", "--weights", args.weights],
+                          stdout=subprocess.DEVNULL).returncode == 0
+
+
 def generate(args: argparse.Namespace) -> int:
     import bpy
     import addon_utils  # on sys.path once bpy is imported
@@ -100,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.image.is_file():
         print(f"error: image {args.image} not found", file=sys.stderr)
         return 2
+    if not weights_ready(args):
+        return 1
     with tempfile.TemporaryDirectory(prefix="trellis2-blender-user-") as user:
         os.environ["BLENDER_USER_RESOURCES"] = user  # before bpy is imported: keeps the user's Blender untouched
         try:

@@ -49,7 +49,13 @@ UV = Stage("uv", 3.0)
 BAKE = Stage("bake", 2.0)
 TEXTURES = Stage("textures", 1.0)
 NORMALS = Stage("normals", 1.0)
-ALPHA_OPAQUE_MIN = 250  # AUTO alpha: BLEND only when some covered texel is visibly transparent
+# AUTO alpha. The decoded alpha is a regression output, so nearly every object dips below 1 somewhere: a texel
+# counts as clearly transparent below ALPHA_CLEAR, the object as see-through only when a visible share of its covered
+# texels is; then a cut-out (MASK) when few of those are partly transparent, else BLEND (glass, smoke).
+ALPHA_CLEAR = 230  # 0.9
+ALPHA_GONE = 26  # 0.1: below this a texel is simply cut away
+ALPHA_SEE_THROUGH_SHARE = 0.005  # of the covered texels
+ALPHA_PARTIAL_SHARE = 0.25  # of the clearly transparent texels
 MIN_HOLE_VOXELS = 16.0  # holes shorter than this many voxels are filled whatever the world-unit limit says
 SEPARATION_VOXELS = 0.05  # how far coincident vertices are moved apart
 SLIT_VOXELS = 0.5  # loops narrower than this on average are filled whatever their length (cuts, not holes)
@@ -140,10 +146,16 @@ def vertex_attributes(ovoxel: OVoxel, vertices: torch.Tensor, faces: torch.Tenso
 
 
 def resolve_alpha_mode(settings: AssetSettings, base_color: torch.Tensor, covered: torch.Tensor) -> str:
+    """The glTF alpha mode: the setting's, or for AUTO the rule above (OPAQUE, MASK or BLEND)."""
     if settings.alpha_mode != "AUTO":
         return settings.alpha_mode
-    alpha = base_color[..., 3][covered]
-    return "BLEND" if alpha.numel() and int(alpha.min()) < ALPHA_OPAQUE_MIN else "OPAQUE"
+    alpha = base_color[..., 3][covered].int()
+    clear = alpha < ALPHA_CLEAR
+    n_clear = int(clear.sum())
+    if not alpha.numel() or n_clear < ALPHA_SEE_THROUGH_SHARE * alpha.numel():
+        return "OPAQUE"
+    partial = int((clear & (alpha >= ALPHA_GONE)).sum())
+    return "MASK" if partial < ALPHA_PARTIAL_SHARE * n_clear else "BLEND"
 
 
 def _surface_left(faces: np.ndarray | torch.Tensor, where: str) -> None:

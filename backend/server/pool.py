@@ -29,7 +29,8 @@ from backend.server import cluster
 from backend.server.requests import JobSpec
 from backend.server.store import JobStore, Terminal
 from backend.server.worker import (EngineWorker, Event, EventQueue, Finished, Generated, Heartbeat, JobOrder, Loaded,
-                                   LoadFailed, Loader, Ready, WorkerFacts, WorkerLost, failure_error)
+                                   MODEL_NOT_READY_HINT, LoadFailed, Loader, Ready, WorkerFacts, WorkerLost,
+                                   failure_error)
 from backend.server.worker_process import ProcessTransport, visible_gpus
 from protocol import Cancelled, Error, ErrorCode, Message, ModelStatus, Progress, Schema, WorkerState, WorkerStatus
 from protocol.settings import GENERATE, REPROCESS, SETTINGS, TEXTURE
@@ -464,7 +465,7 @@ class WorkerPool:
             jobs, self._queue = list(self._queue), deque()
         for job in jobs:
             self._finish(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: {self.load_error[:2000]}",
-                               "fix the cause shown in the server log and restart the server", job.job_id), 0.0)
+                               MODEL_NOT_READY_HINT, job.job_id), 0.0)
 
     def _finish(self, outcome: Terminal, seconds: float) -> None:
         """Record the outcome, then hand it over; if even recording fails, the client still hears why."""

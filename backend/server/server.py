@@ -46,6 +46,7 @@ from backend.server.peers import MAX_OUTBOX, InFlight, Peer, Peers, Subscription
 from backend.server.requests import JobSpec
 from backend.server.pool import PoolConfig, QueuedJob, build_pool
 from backend.server.store import JobRecord, JobStore, StoreError, Terminal
+from backend.server.worker import MODEL_NOT_READY_HINT
 from protocol import (DEFAULT_LIMITS, PROTOCOL_VERSION, Accepted, Cancel, Cancelled, Error, ErrorCode, Fetch, Hello,
                       Info, InvalidSettings, Limits, MalformedMessage, Message, ModelStatus, Ping, Pong, Progress,
                       ProtocolError, Reprocess, Request, Texture, configure_socket, decode, encode, split_envelope)
@@ -355,7 +356,7 @@ class Server:
         if self.worker.status == ModelStatus.FAILED:
             return refuse(Error(ErrorCode.MODEL_NOT_READY, f"the models failed to load: "
                                 f"{self.worker.load_error[:MAX_TEXT]}",
-                                "fix the cause shown in the server log and restart the server", None, cid))
+                                MODEL_NOT_READY_HINT, None, cid))
         if self.worker.status == ModelStatus.READY and msg.KIND not in self.worker.capabilities:
             return refuse(Error(ErrorCode.UNSUPPORTED, f"this server does not run {msg.TYPE} requests",
                                 f"it offers: {', '.join(self.worker.capabilities)}", None, cid))

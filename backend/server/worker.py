@@ -46,6 +46,8 @@ log = logging.getLogger(__name__)
 HEARTBEAT_S = 1.0  # how often a worker reports that it is alive, with fresh GPU memory figures
 PROGRESS_INTERVAL_S = 0.1  # at most this often per job, except at stage changes and stage ends
 MAX_ERROR_TEXT = 2000  # exception texts can embed whole tensors; keep error messages readable
+# When the models could not be loaded: the load's own message (it names what is missing) says what to do first.
+MODEL_NOT_READY_HINT = "do what the message says, then restart the backend (the add-on: its Start Backend button)"
 OVERLAP_MARGIN = 1.15  # free memory must exceed the two steps' measured peaks by this factor to overlap them
 
 Loader = Callable[[], "Engine"]

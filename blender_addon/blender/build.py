@@ -14,7 +14,8 @@ afterwards silently discards them.
 
 Material: Principled BSDF with base colour, metallic (blue) and roughness (green) from the glTF-layout texture, and
 the base colour's alpha always linked to Alpha, so transparency can be turned on later by the user:
-OPAQUE reads the image with alpha ignored, MASK passes alpha through a cutoff, BLEND renders blended. The same
+OPAQUE reads the image with alpha ignored, MASK passes alpha through a cutoff, BLEND passes alpha as it is. The
+render method is Dithered (no sorting) unless the request itself asked for BLEND, which renders Blended. The same
 material textures an existing object (blender/texturing.py), then through a UV Map node naming the UV map used.
 """
 
@@ -110,7 +111,7 @@ def build_material(name: str, data: Material, uv_map: str | None = None) -> bpy.
         links.new(cutoff.outputs["Value"], bsdf.inputs["Alpha"])
     else:
         links.new(base.outputs["Alpha"], bsdf.inputs["Alpha"])
-    material.surface_render_method = "BLENDED" if data.alpha_mode == "BLEND" else "DITHERED"
+    material.surface_render_method = "BLENDED" if data.sorted_blend else "DITHERED"
     material.use_backface_culling = not data.double_sided
     return material
 

@@ -42,6 +42,9 @@ class Material:
     alpha_mode: str = "OPAQUE"
     alpha_cutoff: float = 0.5
     double_sided: bool = False
+    # Blender's sorted (Blended) transparency only when the request asked for BLEND itself; otherwise Dithered,
+    # which never sorts (no self-overlap flicker, no wrong order with other transparent objects).
+    sorted_blend: bool = False
 
 
 @dataclass(frozen=True)
@@ -98,7 +101,10 @@ def material(textures: dict[str, np.ndarray], metadata: dict[str, Any]) -> Mater
     if alpha_mode not in ALPHA_MODES or not isinstance(cutoff, (int, float)) or not isinstance(double_sided, bool):
         raise AddonError(f"The result's material metadata is invalid: alpha_mode={alpha_mode!r}, "
                          f"alpha_cutoff={cutoff!r}, double_sided={double_sided!r}", _HINT)
-    return Material(texture_pixels(base), texture_pixels(mr), alpha_mode, float(cutoff), double_sided)
+    settings = metadata.get("settings")
+    asked_blend = isinstance(settings, dict) and settings.get("alpha_mode") == "BLEND"
+    return Material(texture_pixels(base), texture_pixels(mr), alpha_mode, float(cutoff), double_sided,
+                    sorted_blend=asked_blend and alpha_mode == "BLEND")
 
 
 def mesh_data(mesh: dict[str, np.ndarray], textures: dict[str, np.ndarray], metadata: dict[str, Any]) -> MeshData:

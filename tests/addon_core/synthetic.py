@@ -43,8 +43,10 @@ def textures(size: int) -> dict[str, np.ndarray]:
     return {"base_color": base, "metallic_roughness": mr}
 
 
-def metadata(alpha_mode: str = "BLEND", double_sided: bool = True) -> dict[str, Any]:
-    return {"alpha_mode": alpha_mode, "alpha_cutoff": 0.5, "double_sided": double_sided, "seed": 1}
+def metadata(alpha_mode: str = "BLEND", double_sided: bool = True, asked: str = "AUTO") -> dict[str, Any]:
+    """A result's metadata: the alpha mode the backend chose, and (`asked`) the one the request asked for."""
+    return {"alpha_mode": alpha_mode, "alpha_cutoff": 0.5, "double_sided": double_sided, "seed": 1,
+            "settings": {"alpha_mode": asked}}
 
 
 

@@ -15,9 +15,9 @@ from conftest import addon_module
 
 
 def build(alpha_mode: str = "BLEND", double_sided: bool = True, n: int = 8, label: str = "plane",
-          location=(1.0, 2.0, 3.0)) -> bpy.types.Object:
+          location=(1.0, 2.0, 3.0), asked: str = "AUTO") -> bpy.types.Object:
     mesh, textures = synthetic.plane_arrays(n=n, texture=64)
-    data = addon_module("core.result").mesh_data(mesh, textures, synthetic.metadata(alpha_mode, double_sided))
+    data = addon_module("core.result").mesh_data(mesh, textures, synthetic.metadata(alpha_mode, double_sided, asked))
     view_layer = bpy.context.view_layer
     return addon_module("blender.build").build_object(label, data, view_layer=view_layer,
                                                       collection=view_layer.active_layer_collection.collection,
@@ -56,7 +56,7 @@ def check_object(obj: bpy.types.Object, n: int = 8) -> None:
     assert np.allclose(normals.reshape(-1, 3), [0, -1, 0], atol=1e-5)
     material = me.materials[0]
     assert links(material) == BASE_LINKS | {ALPHA_LINK}
-    assert material.surface_render_method == "BLENDED" and not material.use_backface_culling
+    assert material.surface_render_method == "DITHERED" and not material.use_backface_culling  # AUTO chose BLEND
     images = {n.label: n.image for n in material.node_tree.nodes if n.bl_idname == "ShaderNodeTexImage"}
     base, mr = images["Base Color"], images["Metallic Roughness"]
     assert base.colorspace_settings.name == "sRGB" and mr.colorspace_settings.name == "Non-Color"
@@ -91,14 +91,15 @@ def test_the_object_survives_save_and_reload(scene, tmp_path: Path) -> None:
     check_object(bpy.data.objects["chair"])
 
 
-@pytest.mark.parametrize("alpha_mode, method, alpha_source", [
-    ("OPAQUE", "DITHERED", "ShaderNodeTexImage"),
-    ("MASK", "DITHERED", "ShaderNodeMath"),
-    ("BLEND", "BLENDED", "ShaderNodeTexImage"),
+@pytest.mark.parametrize("alpha_mode, asked, method, alpha_source", [
+    ("OPAQUE", "AUTO", "DITHERED", "ShaderNodeTexImage"),
+    ("MASK", "AUTO", "DITHERED", "ShaderNodeMath"),
+    ("BLEND", "AUTO", "DITHERED", "ShaderNodeTexImage"),  # never sorted unless the user asked for Blend
+    ("BLEND", "BLEND", "BLENDED", "ShaderNodeTexImage"),
 ])
-def test_alpha_modes_set_the_render_method_and_the_alpha_path(scene, alpha_mode: str, method: str,
+def test_alpha_modes_set_the_render_method_and_the_alpha_path(scene, alpha_mode: str, asked: str, method: str,
                                                               alpha_source: str) -> None:
-    material = build(alpha_mode, double_sided=False).data.materials[0]
+    material = build(alpha_mode, double_sided=False, asked=asked).data.materials[0]
     assert material.surface_render_method == method and material.use_backface_culling
     alpha_links = material.node_tree.nodes["Principled BSDF"].inputs["Alpha"].links
     assert len(alpha_links) == 1 and alpha_links[0].from_node.bl_idname == alpha_source

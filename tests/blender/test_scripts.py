@@ -4,9 +4,11 @@ subprocess), against a fake backend."""
 
 from __future__ import annotations
 
+import os
 import runpy
 import subprocess
 import sys
+import time
 
 import bpy
 import numpy as np
@@ -165,3 +167,18 @@ def test_image_to_blend_reports_a_failure_in_one_line(tmp_path) -> None:
     assert run.returncode == 1
     assert run.stderr.strip().splitlines()[-1].startswith("TRELLIS.2: The backend Python ")
     assert "Traceback" not in run.stderr and not (tmp_path / "lamp.blend").exists()
+
+
+def test_the_readme_command_without_weights_fails_within_seconds_with_one_message(tmp_path) -> None:
+    backend_python = ROOT / ".venv" / "bin" / "python"
+    if not backend_python.is_file():
+        pytest.skip(f"no backend environment at {backend_python}: run tools/setup_envs.sh")
+    image = tmp_path / "lamp.png"
+    image.write_bytes(synthetic.subject_png(32))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
+    started = time.monotonic()
+    run = subprocess.run([sys.executable, str(ROOT / "tools" / "image_to_blend.py"), str(image), "--backend-python",
+                          str(backend_python)], capture_output=True, text=True, timeout=120, env=env)
+    assert run.returncode == 1 and time.monotonic() - started < 15
+    assert run.stderr.count("error:") == 1 and "weights download" in run.stderr
+    assert "server log" not in run.stderr and "Traceback" not in run.stderr
