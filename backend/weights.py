@@ -248,7 +248,10 @@ def _download(f: WeightFile, progress: DownloadProgress | None = None) -> str:
         raise ModelUnavailable(f"{f.name} is not cached here and the Hugging Face hub cannot be reached (or "
                                "HF_HUB_OFFLINE=1 is set)", _hub_hint())
 
-    kwargs = {} if progress is None else {"tqdm_class": _progress_bar_class(f.name, progress)}
+    import inspect
+
+    reports = progress is not None and "tqdm_class" in inspect.signature(hf_hub_download).parameters  # hub >= 0.32
+    kwargs = {"tqdm_class": _progress_bar_class(f.name, progress)} if reports else {}
     try:
         return hf_hub_download(repo_id=f.repo, filename=f.path, etag_timeout=NETWORK_TIMEOUT_S, **kwargs)
     except Exception as exc:

@@ -7,6 +7,8 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The GPU environment installs these builds in place of pyproject's (same version range, CUDA providers inside).
+GPU_BUILDS = {"onnxruntime>=1.17": "onnxruntime-gpu>=1.17"}
 
 
 def _pyproject() -> dict:
@@ -35,7 +37,7 @@ def test_environment_yml_mirrors_pyproject() -> None:
     assert len(pinned) == 1, "environment.yml must pin torch exactly once"
     others = [e for e in entries if not e.startswith("torch==") and e != "-e ."]
     assert "-e ." in entries, "environment.yml must install the project itself"
-    assert sorted(others) == sorted(r for r in wanted if not r.startswith("torch")), (
+    assert sorted(others) == sorted(GPU_BUILDS.get(r, r) for r in wanted if not r.startswith("torch")), (
         "environment.yml pip list differs from pyproject dependencies + backend extra"
     )
 
@@ -72,3 +74,20 @@ def test_the_backend_venv_gets_the_cluster_extra_its_tests_need() -> None:
     setup = (ROOT / "tools" / "setup_envs.sh").read_text()
     backend_venv_extras = re.findall(r'pip_quiet \.venv -e "\.\[([a-z,-]+)\]"', setup)
     assert len(backend_venv_extras) == 1 and {"backend", "cluster", "test"} <= set(backend_venv_extras[0].split(","))
+
+
+def test_the_first_run_commands_in_the_readme_are_real() -> None:
+    """Every `./trellis2 backend ...` line of README's First run section parses with the backend's own CLI."""
+    import shlex
+
+    from backend.__main__ import build_parser
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## First run", 1)[1].split("\n## ", 1)[0]
+    commands = [line for block in re.findall(r"```[a-z]*\n(.*?)```", section, re.S) for line in block.splitlines()
+                if line.startswith("./trellis2 backend ")]
+    assert len(commands) >= 2
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command)[2:])
+        assert args.command == "weights" and callable(args.run)
