@@ -5,11 +5,17 @@ constants, and calls `progress(stage.name, step, total)` between steps. Whoever 
 line, the server's worker) turns those calls into a fraction of the whole job from the same published list, so a
 renamed or added stage can never silently break the fraction. Raising `StopRequested` (or anything) from the
 callback stops the work at that step.
+
+Loading (downloading weights, reading checkpoints) reports through `report_loading`, which goes to whoever wraps the
+load in `loading_reported_to` on that thread (the server's worker, so `info` and waiting jobs show it) and nowhere
+otherwise: the loading code needs no callback threaded through every signature.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 ProgressCallback = Callable[[str, int, int], None]  # (stage name, step, total steps; 0 when unknown)
@@ -27,6 +33,26 @@ class StopRequested(Exception):
 
 def ignore_progress(stage: str, step: int, total: int) -> None:
     """A progress callback that reports nowhere."""
+
+
+# (phase "downloading" or "loading", item: a file or model name, done, total: bytes or models)
+LoadingCallback = Callable[[str, str, int, int], None]
+_LOADING: ContextVar[LoadingCallback | None] = ContextVar("loading_reporter", default=None)
+
+
+def report_loading(phase: str, item: str, done: int, total: int) -> None:
+    reporter = _LOADING.get()
+    if reporter is not None:
+        reporter(phase, item, done, total)
+
+
+@contextlib.contextmanager
+def loading_reported_to(reporter: LoadingCallback) -> Iterator[None]:
+    token = _LOADING.set(reporter)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
 
 
 class StageFraction:

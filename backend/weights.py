@@ -13,12 +13,14 @@ Torch-free, so `check` answers in about a second and a missing file fails fast.
 from __future__ import annotations
 
 import json
+from functools import partial
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from backend.errors import ModelUnavailable
+from backend.progress import report_loading
 from protocol.settings import DEFAULT_WEIGHTS
 from backend.trellis2.pipeline_types import ALWAYS_LOADED, PIPELINE_TYPES, TEXTURING_MODELS
 
@@ -194,7 +196,7 @@ def ensure_available(weights: str, pipelines: Iterable[str], progress: DownloadP
         names = ", ".join(s.file.name for s in missing[:3]) + (" ..." if len(missing) > 3 else "")
         raise ModelUnavailable(f"{len(missing)} of the {len(statuses)} weight files are not here and the Hugging Face "
                                f"hub cannot be reached ({names})", _hub_hint())
-    download(weights, statuses, progress)
+    download(weights, statuses, progress or partial(report_loading, "downloading"))
 
 
 def download(weights: str, statuses: list[FileStatus], progress: DownloadProgress | None = None) -> list[Path]:

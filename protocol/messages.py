@@ -76,6 +76,8 @@ class WorkerStatus:
     restarts: Count = 0
     pid: Count | None = None
     error: str = ""  # why it failed or was last restarted
+    loading: str = ""  # while it loads: what, e.g. "downloading ckpts/x.safetensors: 1.2 of 2.6 GB (46%)"
+    loading_fraction: float = 0.0  # of the item being downloaded or of the models being read, in [0, 1]
 
     def __post_init__(self) -> None:
         _check_fields(self, "worker")
@@ -131,6 +133,10 @@ class Info(Message):
     details: dict[str, Any] = field(default_factory=dict)  # free-form facts: library versions, ...
     settings: dict[str, Any] = field(default_factory=dict)  # the server's settings schema (Schema.to_wire)
     workers: list[WorkerStatus] = field(default_factory=list)  # who runs the jobs, one entry per worker
+
+    def loading_summary(self) -> str:
+        """What a loading worker is doing, for status lines ("" when none is loading)."""
+        return next((w.loading for w in self.workers if w.loading), "")
 
     def workers_summary(self) -> str:
         """How many workers serve, for status lines: "2 workers (1 busy, 1 restarting)"; "" when none are listed."""

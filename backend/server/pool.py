@@ -29,7 +29,7 @@ from backend.server import cluster
 from backend.server.requests import JobSpec
 from backend.server.store import JobStore, Terminal
 from backend.server.worker import (EngineWorker, Event, EventQueue, Finished, Generated, Heartbeat, JobOrder, Loaded,
-                                   MODEL_NOT_READY_HINT, LoadFailed, Loader, Ready, WorkerFacts, WorkerLost,
+                                   MODEL_NOT_READY_HINT, LoadFailed, Loader, Loading, Ready, WorkerFacts, WorkerLost,
                                    failure_error)
 from backend.server.worker_process import ProcessTransport, visible_gpus
 from protocol import Cancelled, Error, ErrorCode, Message, ModelStatus, Progress, Schema, WorkerState, WorkerStatus
@@ -101,6 +101,7 @@ class _Slot:
     restarts: int = 0
     error: str = ""
     interrupted: bool = False
+    loading: tuple[str, float] = ("", 0.0)  # (what, fraction) while the worker loads
     last_heard: float = 0.0
     last_progress: float = 0.0
     thread: threading.Thread | None = None
@@ -199,7 +200,7 @@ class WorkerPool:
             return [WorkerStatus(slot.plan.name, slot.plan.host if slot.facts is None else slot.facts.host,
                                  self._device_of(slot), slot.state, list(slot.jobs),
                                  list(slot.facts.models) if slot.facts else [], slot.restarts,
-                                 slot.facts.pid if slot.facts else None, slot.error)
+                                 slot.facts.pid if slot.facts else None, slot.error, *slot.loading)
                     for slot in self._slots]
 
     def _loaded_facts(self) -> list[WorkerFacts]:
@@ -380,6 +381,12 @@ class WorkerPool:
                 self._emit(event)
         elif isinstance(event, Heartbeat):
             slot.gpu_memory = event.gpu_memory
+        elif isinstance(event, Loading):
+            slot.loading = loading_text(event), min(1.0, event.done / event.total) if event.total else 0.0
+            with self._lock:
+                waiting = list(self._queue)
+            for job in waiting:  # jobs that wait for the models see why
+                self._emit(Progress(job.job_id, "loading", 0, 0, 0.0, slot.loading[0]))
         elif isinstance(event, Ready):
             slot.offered = True
         elif isinstance(event, Generated):
@@ -392,11 +399,11 @@ class WorkerPool:
             if job is not None and event.outcome is not None:
                 self._finish(event.outcome, event.seconds)
         elif isinstance(event, Loaded):
-            slot.facts, slot.state = event.facts, WorkerState.IDLE
+            slot.facts, slot.state, slot.loading = event.facts, WorkerState.IDLE, ("", 0.0)
             log.info("worker %s ready on %s (%s, pid %d)", slot.plan.name, event.facts.device, event.facts.host,
                      event.facts.pid)
         elif isinstance(event, LoadFailed):
-            slot.state, slot.error = WorkerState.FAILED, event.error
+            slot.state, slot.error, slot.loading = WorkerState.FAILED, event.error, ("", 0.0)
             log.error("worker %s: loading the models failed: %s", slot.plan.name, event.error)
             return "failed"
         return None
@@ -520,3 +527,11 @@ def build_pool(config: PoolConfig, store: JobStore, emit: Callable[[Message], No
     else:
         plans = [WorkerPlan("main", device or "auto", partial(ThreadTransport, "main", load, config.overlap))]
     return WorkerPool(store, emit, plans, config.hang_timeout_s, config.step_timeout_s, on_close)
+
+
+def loading_text(event: Loading) -> str:
+    """A loading report for people: "downloading NAME: 1.2 of 2.6 GB (46%)", "loading models: 3 of 9 (NAME)"."""
+    if event.phase == "downloading":
+        of = f" of {event.total / 2**30:.1f} GB ({100 * event.done / event.total:.0f}%)" if event.total else ""
+        return f"downloading {event.item}: {event.done / 2**30:.1f}{'' if of else ' GB'}{of}"
+    return f"loading models: {event.done} of {event.total}" + (f" ({event.item})" if event.item else "")

@@ -31,7 +31,7 @@ import numpy as np
 
 from backend.errors import JobFailure, OutOfMemory
 from backend.ovoxel.ovoxel import OVoxel
-from backend.progress import StageFraction, StopRequested
+from backend.progress import StageFraction, StopRequested, loading_reported_to
 from backend.server.requests import JobSpec, spec_metadata
 from backend.server.results import result_message, texture_result_message
 from backend.server.store import MissingOVoxel, Terminal
@@ -45,6 +45,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 1.0  # how often a worker reports that it is alive, with fresh GPU memory figures
 PROGRESS_INTERVAL_S = 0.1  # at most this often per job, except at stage changes and stage ends
+LOADING_INTERVAL_S = 0.5  # at most this often while loading, except at the end of each file or model
 MAX_ERROR_TEXT = 2000  # exception texts can embed whole tensors; keep error messages readable
 # When the models could not be loaded: the load's own message (it names what is missing) says what to do first.
 MODEL_NOT_READY_HINT = "do what the message says, then restart the backend (the add-on: its Start Backend button)"
@@ -92,6 +93,16 @@ class LoadFailed:
 
 
 @dataclass(frozen=True)
+class Loading:
+    """Where loading is: downloading a file (bytes) or reading models (count), for `info` and waiting jobs."""
+
+    phase: str
+    item: str
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
 class Heartbeat:
     gpu_memory: tuple[int | None, int | None]
 
@@ -116,7 +127,7 @@ class Finished:
     seconds: float
 
 
-Event = Loaded | LoadFailed | Heartbeat | Ready | Progress | Generated | Finished
+Event = Loaded | LoadFailed | Loading | Heartbeat | Ready | Progress | Generated | Finished
 
 
 class WorkerLost(Exception):
@@ -197,6 +208,7 @@ class EngineWorker:
     def __init__(self, name: str, load: Loader, outbox: Callable[[Event], None], overlap: bool = False) -> None:
         self.name = name
         self._load, self._outbox, self._overlap = load, outbox, overlap
+        self._loading_sent = 0.0
         self._engine: Engine | None = None
         self._facts: WorkerFacts | None = None
         self._lock = threading.Lock()
@@ -273,7 +285,8 @@ class EngineWorker:
         started = time.monotonic()
         log.info("loading models")
         try:
-            self._engine = engine = self._load()
+            with loading_reported_to(self._report_loading):
+                self._engine = engine = self._load()
             self._facts = facts = WorkerFacts(self.name, socket.gethostname(), os.getpid(), engine.device,
                                               tuple(engine.models()), tuple(engine.capabilities), engine.versions(),
                                               engine.schema)
@@ -284,6 +297,13 @@ class EngineWorker:
         log.info("models ready on %s in %.1fs", facts.device, time.monotonic() - started)
         self._outbox(Loaded(facts))
         return True
+
+    def _report_loading(self, phase: str, item: str, done: int, total: int) -> None:
+        """At most a few reports a second (a download reports every chunk), and always the end of an item."""
+        now = time.monotonic()
+        if now - self._loading_sent >= LOADING_INTERVAL_S or done >= total:
+            self._loading_sent = now
+            self._outbox(Loading(phase, item, done, total))
 
     def _heartbeat(self) -> None:
         while not self._closed.wait(HEARTBEAT_S):

@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from backend.progress import report_loading
+
 log = logging.getLogger(__name__)
 
 # Checkpoint class name -> "module:attribute". Both names of the structured-latent flow are accepted:
@@ -208,9 +210,11 @@ def load_pipeline_models(
         raise CheckpointError(f"{root}'s pipeline JSON names no model {', '.join(absent)}; "
                               "use the complete microsoft/TRELLIS.2-4B layout")
     models = {}
-    for name in wanted:
+    for index, name in enumerate(wanted):
         log.info("loading %s", name)
+        report_loading("loading", name, index, len(wanted))
         models[name] = load_model(resolve_stem(root, stems[name]), device)
+    report_loading("loading", "", len(wanted), len(wanted))
     return models
 
 

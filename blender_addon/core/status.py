@@ -30,8 +30,9 @@ class BackendStatus:
             gpu = f", {info.gpu_memory_free / 2**30:.1f}/{info.gpu_memory_total / 2**30:.1f} GiB free"
         queue = f", {info.queue_length} job(s)" if info.queue_length else ""
         workers = f" · {info.workers_summary()}" if info.workers else ""
-        return cls("connected", f"model {info.model_status.value.replace('_', ' ')} · {info.device}{gpu}{queue}"
-                                f"{workers}", info)
+        loading = f" · {info.loading_summary()}" if info.loading_summary() else ""
+        return cls("connected", f"model {info.model_status.value.replace('_', ' ')}{loading} · {info.device}{gpu}"
+                                f"{queue}{workers}", info)
 
 
 NOT_STARTED = BackendStatus("not_started", "local backend not running")

@@ -4,6 +4,7 @@ ever run it), and later requests are refused at once."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -39,3 +40,42 @@ def test_jobs_waiting_for_models_that_fail_to_load_end_with_the_load_error(tmp_p
         server.stop(immediate=True)
         thread.join(30)
     assert not thread.is_alive()
+
+
+def test_loading_progress_shows_in_info_and_in_waiting_jobs(tmp_path) -> None:
+    from backend.progress import report_loading
+    from protocol import Progress
+
+    release = threading.Event()
+
+    def slow_download():
+        for done in range(0, 5):
+            report_loading("downloading", "ckpts/flow.safetensors", done * 2**29, 2**31)
+            time.sleep(0.6)
+        release.wait(20)
+        raise FileNotFoundError("the download was cut short")
+
+    server = Server(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", grace_s=0.0), slow_download)
+    server.start()
+    thread = threading.Thread(target=server.serve, daemon=True)
+    thread.start()
+    try:
+        with connect(server.endpoint) as client:
+            client.hello()
+            job_id = client.submit(Generate(png()))
+            seen = None
+            for msg in client.events(job_id, timeout=20):
+                if isinstance(msg, Progress) and msg.stage == "loading":
+                    seen = msg
+                    break
+            assert seen is not None and "downloading ckpts/flow.safetensors" in seen.message
+            wait_until(lambda: "GB" in client.info(refresh=True).loading_summary(), 10, "info to show the download")
+            info = client.info(refresh=True)
+            assert info.model_status == ModelStatus.LOADING and 0 < info.workers[0].loading_fraction <= 1
+            release.set()
+            final = last(client.events(job_id, timeout=30))
+            assert isinstance(final, Error) and final.code == ErrorCode.MODEL_NOT_READY
+    finally:
+        release.set()
+        server.stop(immediate=True)
+        thread.join(30)
