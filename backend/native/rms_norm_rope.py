@@ -34,7 +34,10 @@ if TRITON_AVAILABLE:
             gamma = tl.load(gamma_ptr + h[:, None] * dim + d[None, :], mask=tile_ok, other=0.0)
         for i in range(ROWS):
             row = tl.program_id(0) * ROWS + i
-            mask = tile_ok & (row < rows)
+            # The row test is made a vector before it meets a block: Triton 3.9's interpreter types
+            # `block_of_bools & scalar_bool` as int32, which tl.load then refuses as a mask.
+            row_ok = (d * 0 + row) < rows
+            mask = tile_ok & row_ok[None, :]
             row64 = row.to(tl.int64)
             x = tl.load(x_ptr + row64 * x_row_stride + h[:, None] * x_head_stride + d[None, :], mask=mask,
                         other=0.0).to(tl.float32)
@@ -43,7 +46,7 @@ if TRITON_AVAILABLE:
                 x = (x / denom * gamma * scale).to(dtype).to(tl.float32)
             if HAS_ROPE:
                 ph = phases_ptr + row64 * dim + 2 * p
-                pair_ok = (p < dim // 2) & (row < rows)
+                pair_ok = (p < dim // 2) & ((p * 0 + row) < rows)
                 cos = tl.load(ph, mask=pair_ok, other=1.0)[None, :]
                 sin = tl.load(ph + 1, mask=pair_ok, other=0.0)[None, :]
                 even, odd = tl.split(tl.reshape(x, [BLOCK_H, BLOCK_D // 2, 2]))
