@@ -15,6 +15,7 @@ from pathlib import Path
 
 from backend.asset.textured_mesh import AssetSettings
 from backend.errors import JobFailure
+from backend.progress import loading_reported_to
 from backend.ovoxel_cli import asset_settings
 from protocol import InvalidSettings
 from protocol.settings import DEFAULT_WEIGHTS, GENERATE
@@ -61,7 +62,7 @@ def run_generate(args: argparse.Namespace) -> int:
     progress = ProgressLine(sys.stderr)
 
     def work() -> int:
-        pipeline = load_pipeline(Trellis2Pipeline, args)
+        pipeline = load_pipeline(Trellis2Pipeline, args, progress)
         settings = pipeline.settings(given_settings(args, GENERATE))
         ovoxel = pipeline.run(args.image, settings, progress)
         progress.done(f"generated {ovoxel.coords.shape[0]} voxels, {ovoxel.faces.shape[0]} faces "
@@ -71,13 +72,15 @@ def run_generate(args: argparse.Namespace) -> int:
     return run_reported(work, progress)
 
 
-def load_pipeline(cls, args: argparse.Namespace):
-    """`cls.from_pretrained` with the command line's --weights, --device, --memory and --rembg, announced."""
+def load_pipeline(cls, args: argparse.Namespace, progress: ProgressLine):
+    """`cls.from_pretrained` with the command line's --weights, --device, --memory and --rembg, announced, each
+    model read (and any download) shown on the progress line: loading takes minutes on a first run."""
     from backend.trellis2.background import LazyRemover
 
     print(f"loading weights from {args.weights} ...", file=sys.stderr)
     remover = LazyRemover(args.rembg) if args.rembg else None
-    return cls.from_pretrained(args.weights, device=args.device, memory=args.memory, remover=remover)
+    with loading_reported_to(lambda phase, item, done, total: progress(phase, done, total)):
+        return cls.from_pretrained(args.weights, device=args.device, memory=args.memory, remover=remover)
 
 
 def run_reported(work: Callable[[], int], progress: ProgressLine) -> int:

@@ -94,7 +94,7 @@ def run_texture(args: argparse.Namespace) -> int:
                 raise InvalidInput(f"{args.image} is not a texturing result",
                                    "write one with `texture MESH IMAGE -o X.npz`")
         else:
-            pipeline = load_pipeline(TexturingPipeline, args)
+            pipeline = load_pipeline(TexturingPipeline, args, progress)
             voxels = pipeline.texture(mesh, args.image, pipeline.settings(given), progress)
         if output.suffix.lower() == ".npz":
             voxels.save(output)

@@ -32,6 +32,7 @@ def test_tiny_checkpoint_then_generate_writes_an_ovoxel(tmp_path) -> None:
                    "--pipeline-type", "512", "--seed", "3", *FAST)
     assert run.returncode == 0, run.stderr
     assert "sparse_structure" in run.stderr and "100.0%" in run.stderr
+    assert f"{'loading':<16} [" in run.stderr  # reading the models is on the progress line too
     ovoxel = OVoxel.load(out)
     assert ovoxel.resolution == 128 and ovoxel.metadata["seed"] == 3
 
