@@ -1,9 +1,8 @@
 """The bpy builder on synthetic results: mesh, UVs, normals, packed images and their colour spaces, the material's
-links and render method, naming, placement and selection; the same after save and reload; and its speed."""
+links and render method, naming, placement and selection; the same after save and reload; a million triangles."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import bpy
@@ -111,15 +110,21 @@ def test_alpha_modes_set_the_render_method_and_the_alpha_path(scene, alpha_mode:
         assert cutoff.inputs[0].links[0].from_socket.name == "Alpha"
 
 
-def test_a_million_triangle_mesh_builds_well_under_a_second(addon) -> None:
+def test_a_million_triangle_mesh_builds_whole(addon) -> None:
+    """Every triangle, corner and UV of a million-triangle result arrives (its speed is measured by
+    benchmarks/bench_blender_build.py, not here)."""
     mesh, textures = synthetic.plane_arrays(n=708, texture=256)  # 999,698 triangles
     data = addon_module("core.result").mesh_data(mesh, textures, synthetic.metadata())
-    started = time.perf_counter()
     me = addon_module("blender.build").build_mesh("big", data)
-    seconds = time.perf_counter() - started
-    assert len(me.polygons) == 999_698
+    assert len(me.polygons) == 999_698 and len(me.loops) == 3 * 999_698
+    assert len(me.vertices) == len(mesh["positions"])
+    corners = np.empty(3 * 999_698, dtype=np.int32)
+    me.loops.foreach_get("vertex_index", corners)
+    assert np.array_equal(corners, mesh["indices"].reshape(-1))
+    uv = np.empty(2 * 3 * 999_698, dtype=np.float32)
+    me.uv_layers.active.data.foreach_get("uv", uv)
+    assert np.allclose(uv.reshape(-1, 2), mesh["uvs"][mesh["indices"].reshape(-1)])
     bpy.data.meshes.remove(me)
-    assert seconds < 1.0, f"building took {seconds:.2f} s"
 
 
 def split_cube() -> dict[str, np.ndarray]:
