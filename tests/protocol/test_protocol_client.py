@@ -108,7 +108,7 @@ def test_poll_event_never_blocks_and_delivers_everything(make_server):
     with Client(server.address, **FAST) as client:
         start = time.monotonic()
         assert client.poll_event(0) is None
-        assert time.monotonic() - start < 0.05
+        assert time.monotonic() - start < 0.5  # a blocking wait would take the 3 s timeout
         job_id = client.submit(Generate(png_bytes()))
         got = []
         deadline = time.monotonic() + 2
