@@ -25,6 +25,24 @@ def remove_degenerate_and_duplicate_faces(faces: torch.Tensor) -> torch.Tensor:
     return f[keep].to(faces.dtype)
 
 
+def remove_opposite_pairs(faces: torch.Tensor) -> torch.Tensor:
+    """Drops every face over the same three vertices as a face wound the other way. On a 2-manifold such a pair
+    is a closed flat pillow on its own (a one-face sheet doubled by the manifold repair): it encloses nothing,
+    and keeping one of the two would leave a triangular hole."""
+    f = faces.long()
+    if f.shape[0] == 0:
+        return faces
+    lowest = f.argmin(dim=1, keepdim=True)
+    after = f.gather(1, (lowest + 1) % 3).squeeze(1)
+    before = f.gather(1, (lowest + 2) % 3).squeeze(1)
+    winding = (after < before).long()  # the cyclic order read from the lowest corner
+    _, group = torch.unique(f.sort(dim=1).values, dim=0, return_inverse=True)
+    kinds = torch.zeros(int(group.max()) + 1, 2, dtype=torch.long, device=f.device)
+    kinds.index_put_((group, winding), torch.ones_like(group), accumulate=True)
+    both = (kinds > 0).all(dim=1)
+    return faces[~both[group]]
+
+
 def face_components(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
     """Component label per face, numbered 0..C-1; faces sharing a vertex are connected."""
     f = faces.long()
@@ -42,8 +60,9 @@ def remove_small_components(vertices: torch.Tensor, faces: torch.Tensor, min_are
 
 def clean(vertices: torch.Tensor, faces: torch.Tensor, min_component_area: float = 1e-5
           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Degenerate/duplicate faces, small components and unreferenced vertices removed (winding kept)."""
-    faces = remove_degenerate_and_duplicate_faces(faces)
+    """Flat pillows, degenerate/duplicate faces, small components and unreferenced vertices removed (winding
+    kept)."""
+    faces = remove_degenerate_and_duplicate_faces(remove_opposite_pairs(faces))
     faces = remove_small_components(vertices, faces, min_component_area)
     return compact(vertices, faces)
 

@@ -26,6 +26,7 @@ import torch
 
 from backend.asset.bake import texel_attributes, to_textures
 from backend.asset.cleanup import clean, face_components, remove_degenerate_and_duplicate_faces
+from backend.asset.cuts import close_cuts
 from backend.asset.holes import fill_small_holes
 from backend.asset.manifold import make_manifold, separate_coincident
 from backend.asset.meshutil import compact_indices, edges_of
@@ -106,10 +107,12 @@ def manifold_surface(vertices: torch.Tensor, faces: torch.Tensor, max_hole_perim
         v1, f1, origin1 = make_manifold(v, f)
         f1 = orient_outward(v1, f1, face_components(f1, v1.shape[0]))[: f.shape[0]]
         f = torch.where(same_winding(origin1[f1.long()], f.long()).unsqueeze(1), f, f[:, [0, 2, 1]])
+    source_f = f
     v, f, origin = make_manifold(v, f)
-    origin = kept[origin]
     v, f = fill_small_holes(v, f, max_hole_perimeter, max_slit_width)
     origin = torch.cat([origin, origin.new_full((v.shape[0] - origin.shape[0],), -1)])
+    f = close_cuts(v, f, origin, source_f)
+    origin = torch.where(origin >= 0, kept[origin.clamp_min(0)], origin)
     f = orient_outward(v, f, face_components(f, v.shape[0]))
     return separate_coincident(v, f, separation), f, origin
 

@@ -26,7 +26,7 @@ from backend.ovoxel.ovoxel import OVoxel
 from backend.progress import ProgressCallback, Stage, ignore_progress
 from backend.trellis2.checkpoint import CheckpointError, load_pipeline_models, read_pipeline_config
 from backend.trellis2.cuda_graphs import drop_graphs
-from backend.trellis2.pipeline_types import (ALWAYS_LOADED, CONDITION, DECODE, PIPELINE_TYPES, PREPROCESS, SHAPE,
+from backend.trellis2.pipeline_types import (ALWAYS_LOADED, CONDITION, DECODE, PIPELINE_TYPES, SHAPE,
                                              SHAPE_HR, SHAPE_LR, SPARSE_STRUCTURE, TEXTURE, UPSAMPLE, Grids,
                                              PipelineType)
 from backend.trellis2.sampler import SamplerParams
@@ -268,7 +268,7 @@ class Trellis2Pipeline:
             ) from exc
 
     def _run(self, image: Any, settings: GenerationSettings, progress: ProgressCallback) -> OVoxel:
-        from backend.trellis2.preprocess import load_image, preprocess_image
+        from backend.trellis2.preprocess import prepared_image
 
         type_name = settings.pipeline_type
         if type_name not in self.pipeline_types:
@@ -281,11 +281,7 @@ class Trellis2Pipeline:
         def stepper(stage: Stage) -> Callable[[int, int], None]:
             return lambda step, total: progress(stage.name, step, total)
 
-        progress(PREPROCESS.name, 0, 1)
-        img = image if isinstance(image, Image.Image) else load_image(image)
-        if settings.remove_background:
-            img = preprocess_image(img, self.remover)
-        progress(PREPROCESS.name, 1, 1)
+        img = prepared_image(image, settings.remove_background, self.remover, progress)
 
         progress(CONDITION.name, 0, 1)
         cond_lr = self.conditioner.features(img, 512).to(device)

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from backend.errors import InvalidInput
+from backend.trellis2.pipeline_types import PREPROCESS
 
 # Same default as the wire protocol's Limits.max_image_pixels; the server passes its own value.
 DEFAULT_MAX_PIXELS = 8192 * 8192
@@ -163,3 +164,16 @@ def _too_many_pixels(what: str, max_pixels: int) -> str:
 def _downscale_fix(max_pixels: int) -> str:
     return (f"downscale the image below {max_pixels} pixels (the model works at 1024 x 1024 anyway), "
             f"or raise the limit")
+
+
+def prepared_image(image: Image.Image | bytes | str | Path, remove_background: bool, remover: Remover | None,
+                   progress: Callable[[str, int, int], None]) -> Image.Image:
+    """The pipelines' first stage, shared by image-to-3D and texturing: the image read (unless already one) and
+    preprocessed, with the background removed when asked, reported as stage PREPROCESS."""
+    progress(PREPROCESS.name, 0, 1)
+    img = image if isinstance(image, Image.Image) else load_image(image)
+    if remove_background:
+        img = preprocess_image(img, remover)
+    progress(PREPROCESS.name, 1, 1)
+    return img
+

@@ -154,16 +154,12 @@ class TexturingPipeline:
 
     def _texture(self, mesh: UserMesh, image: Any, settings: TexturingSettings,
                  progress: ProgressCallback) -> OVoxel:
-        from backend.trellis2.preprocess import load_image, preprocess_image
+        from backend.trellis2.preprocess import prepared_image
 
         choice = RESOLUTIONS[settings.resolution]
         device = self.store.device
 
-        progress(PREPROCESS.name, 0, 1)
-        img = image if isinstance(image, Image.Image) else load_image(image)
-        if settings.remove_background:
-            img = preprocess_image(img, self.remover)
-        progress(PREPROCESS.name, 1, 1)
+        img = prepared_image(image, settings.remove_background, self.remover, progress)
 
         progress(CONDITION.name, 0, 1)
         cond = self.conditioner.features(img, choice.cond_resolution).to(device)

@@ -1,11 +1,12 @@
-"""Orientation, cleanup and small-hole filling on meshes with known topology."""
+"""Orientation, cleanup, small-hole filling and cut closing on meshes with known topology."""
 
 from __future__ import annotations
 
 import torch
 from asset_shapes import sheet, sphere_sdf, uv_sphere, voxelize
 
-from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces
+from backend.asset.cleanup import clean, remove_degenerate_and_duplicate_faces, remove_opposite_pairs
+from backend.asset.cuts import close_cuts
 from backend.asset.orientation import unify_orientation
 from backend.asset.holes import fill_small_holes
 from backend.asset.meshutil import compact, connected_components, edges_of
@@ -62,6 +63,14 @@ def test_degenerate_and_duplicate_faces_go() -> None:
     assert out.tolist() == [[0, 1, 2], [1, 2, 3]]
 
 
+def test_a_flat_pillow_goes_whole_instead_of_leaving_a_triangular_hole() -> None:
+    """Faces 1 and 2 cover the same corners wound opposite ways (a doubled one-face sheet): both go; face 3
+    repeats face 0's winding and is left to the duplicate rule."""
+    f = torch.tensor([[0, 1, 2], [3, 4, 5], [4, 3, 5], [1, 2, 0]], dtype=torch.int32)
+    assert remove_opposite_pairs(f).tolist() == [[0, 1, 2], [1, 2, 0]]
+    assert remove_degenerate_and_duplicate_faces(remove_opposite_pairs(f)).tolist() == [[0, 1, 2]]
+
+
 def punch(faces: torch.Tensor, drop: list[int]) -> torch.Tensor:
     keep = torch.ones(faces.shape[0], dtype=torch.bool)
     keep[drop] = False
@@ -99,6 +108,42 @@ def test_open_sheet_boundary_is_not_a_small_hole() -> None:
     v, f = sheet(20)
     v2, f2 = fill_small_holes(v, f, max_perimeter=3e-2)
     assert torch.equal(f2, f) and torch.equal(v2, v)
+
+
+def test_cut_closes_whatever_its_length_when_the_source_was_closed_there() -> None:
+    """A strip of 20 quads missing from a sphere whose source surface is whole: the 42-edge loop (far above any
+    small-hole limit) is triangulated over its own vertices, wound with its neighbours, area close to the strip's."""
+    v, f = uv_sphere(32, 32)
+    strip = [32 + 64 * 8 + s + half for s in range(20) for half in (0, 32)]
+    holed = punch(f, strip)
+    closed = close_cuts(v, holed, torch.arange(v.shape[0]), f)
+    assert closed.shape[0] == holed.shape[0] + 40  # n - 2 triangles for a 42-edge loop, no new vertex
+    counts = edges_of(closed, v.shape[0]).count
+    assert bool((counts == 2).all()) and directed_edges_agree(closed)
+
+    def area(faces: torch.Tensor) -> float:
+        p = v.double()[faces.long()]
+        return float(0.5 * torch.linalg.cross(p[:, 1] - p[:, 0], p[:, 2] - p[:, 0]).norm(dim=1).sum())
+
+    assert 0.9 * area(f[strip]) < area(closed[holed.shape[0]:]) <= area(f[strip]) * 1.001
+
+
+def test_a_loop_on_the_source_border_stays_open() -> None:
+    """An open sheet's border was a border in the source too: it is an opening, not a cut."""
+    v, f = sheet(20)
+    assert torch.equal(close_cuts(v, f, torch.arange(v.shape[0]), f), f)
+
+
+def test_a_cut_is_never_closed_through_an_edge_the_mesh_already_has() -> None:
+    """A rhombus whose bottom uses the short diagonal 0-2: the top must take the long one (1-3), or edge 0-2
+    would carry three faces."""
+    v = torch.tensor([[-0.5, 0, 0], [0, -2, 0], [0.5, 0, 0], [0, 2, 0]], dtype=torch.float64)
+    bottom = torch.tensor([[0, 2, 1], [0, 3, 2]])
+    source = torch.cat([bottom, torch.tensor([[0, 1, 2], [0, 2, 3]])])
+    closed = close_cuts(v, bottom, torch.arange(4), source)
+    top = {tuple(sorted(t)) for t in closed[2:].tolist()}
+    assert top == {(0, 1, 3), (1, 2, 3)}
+    assert bool((edges_of(closed, 4).count == 2).all()) and directed_edges_agree(closed)
 
 
 def test_compact_drops_unreferenced_vertices_in_order() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from backend.asset.postprocess import build_textured_mesh
 from backend.engine import Engine, load_engine
 from protocol import Client, Progress, WorkerStatus
-from server_testkit import FAST_ASSET, HELD_STAGE, wait_until
+from server_testkit import FAST_ASSET, HELD_STAGE, events_until_ended, wait_until
 
 TINY_JOB = {"pipeline_type": "512", "sparse_structure_steps": 2, "shape_steps": 2, "texture_steps": 2, **FAST_ASSET}
 HOLD, STALL = "hold", "stall"
@@ -97,14 +97,7 @@ def many_clients_each_get_their_own_results(server, clients: int, jobs: int, tim
                 client.hello()
                 mine = {client.submit(Generate(png(k), {"seed": (k + i) % 3, **TINY_JOB}, f"c{k}-{i}")): (k + i) % 3
                         for i in range(jobs)}
-                seen, ended = [], {}
-                deadline = time.monotonic() + timeout
-                while len(ended) < len(mine) and time.monotonic() < deadline:
-                    msg = client.poll_event(200)
-                    if msg is not None:
-                        seen.append(msg)
-                        if msg.TERMINAL:
-                            ended[msg.job_id] = msg
+                seen, ended = events_until_ended(client, mine, timeout)
                 outcomes[k] = (mine, seen, ended)
         except BaseException as exc:
             failures.append(exc)

@@ -67,6 +67,19 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
         time.sleep(0.02)
 
 
+def events_until_ended(client: Client, jobs, timeout: float) -> tuple[list[Message], dict[str, Message]]:
+    """(every event seen, the terminal event of each job id in `jobs`), polling as a Blender timer would."""
+    seen, ended = [], {}
+    deadline = time.monotonic() + timeout
+    while len(ended) < len(jobs) and time.monotonic() < deadline:
+        msg = client.poll_event(200)
+        if msg is not None:
+            seen.append(msg)
+            if msg.TERMINAL:
+                ended[msg.job_id] = msg
+    return seen, ended
+
+
 def corrupt_png() -> bytes:
     """A PNG whose header is fine (the protocol accepts it) but whose pixel data is garbage."""
     data = bytearray(png())
@@ -151,9 +164,11 @@ def no_models():
     raise RuntimeError("this test server has no models")
 
 
-def serve_in_thread(config: ServerConfig) -> tuple[Server, threading.Thread]:
-    """A server of its own for one test (models that fail to load: it refuses jobs); stop it with `stop_served`."""
-    server = Server(config, no_models)
+def serve_in_thread(config: ServerConfig, load_models: Callable[[], Engine] = no_models
+                    ) -> tuple[Server, threading.Thread]:
+    """A server of its own for one test (by default models that fail to load: it refuses jobs); stop it with
+    `stop_served`."""
+    server = Server(config, load_models)
     server.start()
     thread = threading.Thread(target=server.serve, daemon=True)
     thread.start()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -14,8 +13,8 @@ from backend.errors import JobFailure
 from backend.trellis2.pipeline import PIPELINE_TYPES
 from protocol import (PROTOCOL_VERSION, Accepted, Cancelled, Error, ErrorCode, Fetch, Generate, Limits,
                       MalformedMessage, ModelStatus, Ping, Pong, Progress, RemoteError, Reprocess, Result, Schema)
-from server_testkit import (FAST_ASSET, HELD_STAGE, RawPeer, connect, corrupt_png, last, png, wait_for_stage,
-                            wait_until)
+from server_testkit import (FAST_ASSET, HELD_STAGE, connect, corrupt_png, events_until_ended, last, png, RawPeer,
+                         wait_for_stage, wait_until)
 
 SETTINGS = {"seed": 1, **FAST_ASSET}
 
@@ -64,14 +63,7 @@ def test_many_clients_at_once_get_their_own_results(server):
                 client.hello()
                 mine = {client.submit(Generate(png(), {"seed": s, **FAST_ASSET}, f"c{k}-{i}")): s
                         for i, s in enumerate(seeds[k])}
-                seen, ended = [], {}
-                deadline = time.monotonic() + 120
-                while len(ended) < len(mine) and time.monotonic() < deadline:
-                    msg = client.poll_event(200)
-                    if msg is not None:
-                        seen.append(msg)
-                        if msg.TERMINAL:
-                            ended[msg.job_id] = msg
+                seen, ended = events_until_ended(client, mine, 120)
                 outcomes[k] = (mine, seen, ended)
         except BaseException as exc:
             failures.append(exc)

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from backend.server.server import Server, ServerConfig
+from backend.server.server import ServerConfig
 from protocol import Error, ErrorCode, Generate, ModelStatus, RemoteError
-from server_testkit import connect, last, png, wait_until
+from server_testkit import connect, last, png, serve_in_thread, stop_served, wait_until
 
 
 def test_jobs_waiting_for_models_that_fail_to_load_end_with_the_load_error(tmp_path) -> None:
@@ -20,10 +20,8 @@ def test_jobs_waiting_for_models_that_fail_to_load_end_with_the_load_error(tmp_p
         release.wait(10)
         raise FileNotFoundError("no weights in /nowhere")
 
-    server = Server(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", grace_s=0.0), failing_load)
-    server.start()
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
+    server, thread = serve_in_thread(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", grace_s=0.0),
+                                     failing_load)
     try:
         with connect(server.endpoint) as client:
             assert client.hello().model_status == ModelStatus.LOADING
@@ -37,9 +35,7 @@ def test_jobs_waiting_for_models_that_fail_to_load_end_with_the_load_error(tmp_p
                 client.submit(Generate(png()))
             assert refused.value.code == ErrorCode.MODEL_NOT_READY
     finally:
-        server.stop(immediate=True)
-        thread.join(30)
-    assert not thread.is_alive()
+        stop_served(server, thread)
 
 
 def test_loading_progress_shows_in_info_and_in_waiting_jobs(tmp_path) -> None:
@@ -55,10 +51,8 @@ def test_loading_progress_shows_in_info_and_in_waiting_jobs(tmp_path) -> None:
         release.wait(20)
         raise FileNotFoundError("the download was cut short")
 
-    server = Server(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", grace_s=0.0), slow_download)
-    server.start()
-    thread = threading.Thread(target=server.serve, daemon=True)
-    thread.start()
+    server, thread = serve_in_thread(ServerConfig(bind="tcp://127.0.0.1:*", store=tmp_path / "store", grace_s=0.0),
+                                     slow_download)
     try:
         with connect(server.endpoint) as client:
             client.hello()
@@ -77,5 +71,4 @@ def test_loading_progress_shows_in_info_and_in_waiting_jobs(tmp_path) -> None:
             assert isinstance(final, Error) and final.code == ErrorCode.MODEL_NOT_READY
     finally:
         release.set()
-        server.stop(immediate=True)
-        thread.join(30)
+        stop_served(server, thread)
