@@ -23,9 +23,10 @@ import torch
 from backend.asset.meshutil import boundary_sides, compact, edges_of, face_normals, unit_face_normals
 from backend.ovoxel.segments import INT64_MAX, expand_segments
 
-QUALITY_FLOOR = 0.15  # a collapse may not leave a face skinnier than this and than it was before
+QUALITY_FLOOR = 0.15  # a collapse may not leave its ring's worst face below this and worse than before
 MIN_NORMAL_COS = 0.3  # a collapse may not turn a face's normal by more than ~72 degrees
 REGULARISATION = 1e-3  # pull of each collapse towards its edge's midpoint, relative to the mean face area
+SLIVER_DISCOUNT = 0.01  # cost factor of the edges of faces below QUALITY_FLOOR
 SKINNY_WEIGHT = 1e-2  # cost of the triangles a collapse leaves skinny (CuMesh: 1e-3), x mean area x |e|^2
 
 
@@ -156,29 +157,34 @@ def _disjoint_collapses(f: torch.Tensor, a: torch.Tensor, b: torch.Tensor, cost:
 def _ring_checks(pos: torch.Tensor, f: torch.Tensor, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                  vertex_faces: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(ok, skinny) per candidate collapse x, y -> target, each on its own: no face of its ring turns by more
-    than MIN_NORMAL_COS allows or ends skinnier than QUALITY_FLOOR (and than before); skinny = mean of
-    1 - quality over the ring's surviving faces."""
+    than MIN_NORMAL_COS allows, and the ring's worst face does not end below QUALITY_FLOOR unless it was worse
+    before; skinny = mean of 1 - quality over the ring's surviving faces."""
     n = x.numel()
     owner_x, face_x = _gather(*vertex_faces, x)
     owner_y, face_y = _gather(*vertex_faces, y)
     owner, face = torch.cat([owner_x, owner_y]), torch.cat([face_x, face_y])
     corners = f[face]
+    old = pos[corners]
+    n_old = torch.linalg.cross(old[:, 1] - old[:, 0], old[:, 2] - old[:, 0])
+    q_old = triangle_quality(old, n_old)
+    # The worst face of the ring before, the faces on the edge included: mending a sliver may leave a face
+    # skinnier than it was, as long as the ring's worst face gets better.
+    worst_old = torch.ones(n, dtype=pos.dtype, device=x.device).scatter_reduce_(0, owner, q_old, "amin")
     xs, ys = x[owner].unsqueeze(1), y[owner].unsqueeze(1)
     has_x, has_y = (corners == xs).any(dim=1), (corners == ys).any(dim=1)
     keep = ~(has_x & has_y)  # faces on the edge vanish (and appear in both lists)
-    owner, face, corners = owner[keep], face[keep], corners[keep]
+    owner, corners, old, n_old = owner[keep], corners[keep], old[keep], n_old[keep]
     moved = (corners == xs[keep]) | (corners == ys[keep])
-    old = pos[corners]
     new = torch.where(moved.unsqueeze(2), target[owner].unsqueeze(1), old)
-    n_old = torch.linalg.cross(old[:, 1] - old[:, 0], old[:, 2] - old[:, 0])
     n_new = torch.linalg.cross(new[:, 1] - new[:, 0], new[:, 2] - new[:, 0])
     cos = (n_old * n_new).sum(dim=1) / (n_old.norm(dim=1) * n_new.norm(dim=1)).clamp_min(1e-300)
-    q_old, q_new = triangle_quality(old, n_old), triangle_quality(new, n_new)
-    bad = (cos < MIN_NORMAL_COS) | ((q_new < QUALITY_FLOOR) & (q_new < q_old))
-    refused = torch.zeros(n, dtype=torch.long, device=x.device).index_add_(0, owner, bad.long())
+    q_new = triangle_quality(new, n_new)
+    worst_new = torch.ones(n, dtype=pos.dtype, device=x.device).scatter_reduce_(0, owner, q_new, "amin")
+    flipped = torch.zeros(n, dtype=torch.long, device=x.device).index_add_(0, owner, (cos < MIN_NORMAL_COS).long())
+    refused = (flipped > 0) | ((worst_new < QUALITY_FLOOR) & (worst_new < worst_old))
     total = torch.zeros(n, dtype=pos.dtype, device=x.device).index_add_(0, owner, 1 - q_new)
     count = torch.bincount(owner, minlength=n).clamp_min(1)
-    return refused == 0, total / count
+    return ~refused, total / count
 
 
 def simplify(vertices: torch.Tensor, faces: torch.Tensor, target_faces: int, *, length_weight: float = 1e-2,
@@ -225,6 +231,11 @@ def simplify(vertices: torch.Tensor, faces: torch.Tensor, target_faces: int, *, 
         target = torch.where(near.unsqueeze(1), opt, segment_minimiser(qe, pa, pb))
         err = quadric_error(qe, target).clamp_min(0)
         base = err + length_scale * edge_len**2
+        # Edges of slivers go first: collapsing one removes the sliver.
+        sliver = triangle_quality(pos[f], face_normals(pos, f)) < QUALITY_FLOOR
+        on_sliver = torch.zeros(a.numel(), dtype=torch.bool, device=f.device)
+        on_sliver[edges.of_side[sliver].reshape(-1)] = True
+        base = torch.where(on_sliver, SLIVER_DISCOUNT * base, base)
 
         n_valid = int(valid.sum())
         if n_valid == 0:
