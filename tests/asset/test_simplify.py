@@ -9,7 +9,7 @@ from test_mesh_repair import directed_edges_agree
 
 from backend.asset.meshutil import edges_of, face_normals
 from backend.ovoxel.nearest import closest_points
-from backend.asset.simplify import simplify
+from backend.asset.simplify import simplify, triangle_quality
 
 
 def bumpy_sphere() -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,3 +79,25 @@ def test_target_above_face_count_is_a_no_op() -> None:
     v, f = sheet(4)
     sv, sf = simplify(v, f, 1000)
     assert sv is v and sf is f
+
+
+def test_slivers_are_mended_first() -> None:
+    """A sheet with five columns of vertices pushed to 2 % of a cell from their neighbours: 400 thin triangles,
+    two per short edge. Asked for 80 % of the 3200 faces (320 collapses, 200 of them needed for the slivers; the
+    passes collapse elsewhere too), the simplifier takes them first: a few stay where a column meets the border
+    (measured 4; 100 when slivers had no priority)."""
+    v, f = sheet(40, wave=0.0)
+    x = v[:, 0].clone()
+    columns = torch.unique(x)
+    cell = float(columns[1] - columns[0])
+    for k in (5, 12, 19, 26, 33):
+        x[torch.isclose(x, columns[k])] = float(columns[k + 1]) - 0.02 * cell
+    v = torch.stack([x, v[:, 1], v[:, 2]], dim=1)
+
+    def slivers(v: torch.Tensor, f: torch.Tensor) -> int:
+        return int((triangle_quality(v[f.long()], face_normals(v, f.long())) < 0.1).sum())
+
+    assert slivers(v, f) >= 400
+    sv, sf = simplify(v, f, int(0.8 * f.shape[0]))
+    assert slivers(sv, sf) <= 6
+    assert bool((face_normals(sv, sf)[:, 2] > 0).all())
