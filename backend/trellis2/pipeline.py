@@ -163,6 +163,23 @@ class ModelStore:
                     torch.cuda.empty_cache()
 
 
+def load_placed(weights: str, config: dict[str, Any], names: list[str], device: str | torch.device | None,
+                memory: str, remover: Any | None) -> tuple[ModelStore, Any, Any]:
+    """(store, conditioner, remover) for a pipeline: the models `names` of `weights` read, checked against the
+    grid table and placed as `memory` says, the DINOv3 conditioner on the store's device, and `remover` or else
+    the background remover the weights name."""
+    from backend.trellis2.background import LazyRemover
+    from backend.trellis2.image_cond import DinoV3Conditioner
+
+    args = config["args"]
+    models = load_pipeline_models(weights, names, "cpu", config)
+    check_grids(models, args["models"], Grids.of(args))
+    conditioner = DinoV3Conditioner.for_pipeline(weights, args)
+    store = ModelStore.placed(models, device, memory)
+    conditioner.to(store.device)
+    return store, conditioner, remover or LazyRemover.for_pipeline(weights, args)
+
+
 def _host_copy(tensor: torch.Tensor, pin: bool) -> torch.Tensor:
     """The tensor in host memory, page-locked when `pin` (also straight from the GPU, which is fast when pinned)."""
     if not pin:
@@ -231,24 +248,15 @@ class Trellis2Pipeline:
         `remover` replaces the background remover (default: a local ONNX file the weights folder names, else the
         MIT BiRefNet through rembg; the hub's own choice, RMBG-2.0, is gated and non-commercial, so it is not used).
         """
-        from backend.trellis2.background import LazyRemover
-        from backend.trellis2.image_cond import DinoV3Conditioner
-
         config = read_pipeline_config(weights)
-        args = config["args"]
-        stems = args["models"]
+        stems = config["args"]["models"]
         wanted_types = pipeline_types or tuple(
             name for name, pt in PIPELINE_TYPES.items() if all(m in stems for m in pt.models)
         )
         names = list(ALWAYS_LOADED)
         for name in wanted_types:
             names += [m for m in PIPELINE_TYPES[name].models if m not in names]
-        models = load_pipeline_models(weights, names, "cpu", config)
-        check_grids(models, stems, Grids.of(args))
-        conditioner = DinoV3Conditioner.for_pipeline(weights, args)
-        remover = remover or LazyRemover.for_pipeline(weights, args)
-        store = ModelStore.placed(models, device, memory)
-        conditioner.to(store.device)
+        store, conditioner, remover = load_placed(weights, config, names, device, memory, remover)
         return cls(config, store, conditioner, remover, {k: PIPELINE_TYPES[k] for k in wanted_types})
 
     # ------------------------------------------------------------------------------------------- running

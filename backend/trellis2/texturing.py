@@ -41,7 +41,7 @@ from backend.ovoxel.user_mesh import UserMesh
 from backend.ovoxel.voxelizer import FlexibleDualGrid, mesh_to_flexible_dual_grid
 from backend.trellis2.checkpoint import load_pipeline_models, read_pipeline_config
 from backend.progress import ProgressCallback, Stage, ignore_progress
-from backend.trellis2.pipeline import ModelStore, check_grids, checkpoint_sampler_defaults
+from backend.trellis2.pipeline import ModelStore, check_grids, checkpoint_sampler_defaults, load_placed
 from backend.trellis2.pipeline_types import CONDITION, DECODE, PREPROCESS, TEXTURE, TEXTURING_MODELS, Grids
 from backend.trellis2.sampler import SamplerParams
 from backend.trellis2.sparse import SparseTensor
@@ -114,17 +114,8 @@ class TexturingPipeline:
         remover: Any | None = None,
     ) -> TexturingPipeline:
         """Load the texturing models of `weights` (hub repo id or folder with texturing_pipeline.json + ckpts/)."""
-        from backend.trellis2.background import LazyRemover
-        from backend.trellis2.image_cond import DinoV3Conditioner
-
         config = read_pipeline_config(weights, CONFIG_FILE)
-        args = config["args"]
-        models = load_pipeline_models(weights, list(TEXTURING_MODELS), "cpu", config)
-        check_grids(models, args["models"], Grids.of(args))
-        conditioner = DinoV3Conditioner.for_pipeline(weights, args)
-        store = ModelStore.placed(models, device, memory)
-        conditioner.to(store.device)
-        return cls(config, store, conditioner, remover or LazyRemover.for_pipeline(weights, args))
+        return cls(config, *load_placed(weights, config, list(TEXTURING_MODELS), device, memory, remover))
 
     @classmethod
     def alongside(cls, image_pipeline: Any, weights: str) -> TexturingPipeline:
