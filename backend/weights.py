@@ -176,21 +176,35 @@ def go_offline() -> None:
     constants.HF_HUB_OFFLINE = True
 
 
-def ensure_available(weights: str, pipelines: Iterable[str], progress: DownloadProgress | None = None) -> None:
-    """Every file the pipelines need is here afterwards, or ModelUnavailable says, within seconds, what is missing
-    and how to get it. Without a reachable hub the process goes offline (cached files only)."""
+def online_or_offline() -> bool:
+    """Whether the hub can be reached; when not, the process goes offline (cached files only) at once."""
     online = hub_reachable()
     if not online:
         go_offline()
+    return online
+
+
+def plan(weights: str, pipelines: Iterable[str], ask_hub: bool, texturing_optional: bool) -> list[FileStatus]:
+    """The status of every file the pipelines need. Weights without texturing_pipeline.json provide the image
+    pipeline alone when `texturing_optional` (texturing was not asked for by name), else that is an error."""
     pipelines = list(pipelines)
     config = read_config(weights)
     texturing = None
     if "texturing" in pipelines:
         try:
             texturing = read_config(weights, "texturing_pipeline.json")
-        except ModelUnavailable:  # weights without texturing: the image pipeline alone
+        except ModelUnavailable:
+            if not texturing_optional:
+                raise
             pipelines.remove("texturing")
-    statuses = status(weights, needed_files(weights, config, pipelines, texturing), ask_hub=False)
+    return status(weights, needed_files(weights, config, pipelines, texturing), ask_hub=ask_hub)
+
+
+def ensure_available(weights: str, pipelines: Iterable[str], progress: DownloadProgress | None = None) -> None:
+    """Every file the pipelines need is here afterwards, or ModelUnavailable says, within seconds, what is missing
+    and how to get it. Without a reachable hub the process goes offline (cached files only)."""
+    online = online_or_offline()
+    statuses = plan(weights, pipelines, ask_hub=False, texturing_optional=True)
     missing = [s for s in statuses if s.local is None]
     if missing and not online:
         names = ", ".join(s.file.name for s in missing[:3]) + (" ..." if len(missing) > 3 else "")
@@ -300,8 +314,8 @@ def register(subparsers: Any) -> None:
                                           "downloading the rest (resumable; the gated DINOv3 access is checked first).")
     p.add_argument("action", choices=("check", "download"), nargs="?", default="check")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="hub repo id or local folder (default: %(default)s)")
-    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_CHOICES, default=list(PIPELINE_CHOICES),
-                   help="which pipelines to provide for (default: all)")
+    p.add_argument("--pipelines", nargs="+", choices=PIPELINE_CHOICES,
+                   help="which pipelines to provide for (default: all the weights have)")
     p.add_argument("--offline", action="store_true", help="only look at the cache (no hub queries for sizes)")
     p.set_defaults(run=weights_command)
 
@@ -310,13 +324,11 @@ def weights_command(args: Any) -> int:
     import sys
 
     try:
-        online = not args.offline and hub_reachable()
-        if not online:
+        if args.offline:
             go_offline()
-        config = read_config(args.weights)
-        texturing = read_config(args.weights, "texturing_pipeline.json") if "texturing" in args.pipelines else None
-        files = needed_files(args.weights, config, args.pipelines, texturing)
-        statuses = status(args.weights, files, ask_hub=online)
+        online = not args.offline and online_or_offline()
+        statuses = plan(args.weights, args.pipelines or PIPELINE_CHOICES, ask_hub=online,
+                        texturing_optional=args.pipelines is None)
         _print_table(statuses)
         missing = [s for s in statuses if s.local is None]
         if args.action == "check":

@@ -90,7 +90,7 @@ def main() -> int:
             if args.spacing is not None:
                 obj.location = (i * args.spacing, 0.0, 0.0)
             bpy.ops.trellis2.texture(object_name=obj.name, image_path=str(image.absolute()), **settings)
-        except RuntimeError as exc:  # the add-on's error report (what happened and what to do), or ours
+        except (RuntimeError, TypeError) as exc:  # the add-on's report, ours, or a setting value it does not offer
             print(f"  failed: {str(exc).removeprefix('Error: ').strip()}", flush=True)
             failed.append(mesh.name)
             continue

@@ -47,6 +47,20 @@ def test_a_missing_file_is_named_with_the_command_that_gets_it(tiny_checkpoint, 
     assert only_512.returncode == 0, only_512.stdout  # the 512 pipeline does not need the 1024 flow
 
 
+def test_a_folder_without_texturing_provides_the_image_pipeline(tiny_checkpoint, tmp_path) -> None:
+    """What the server accepts, the command accepts: texturing is an error only when asked for by name."""
+    import shutil
+
+    copy = tmp_path / "weights"
+    shutil.copytree(tiny_checkpoint, copy)
+    (copy / "texturing_pipeline.json").unlink()
+    run = _backend("weights", "check", "--weights", str(copy), "--offline")
+    assert run.returncode == 0, run.stderr
+    assert "shape_slat_encoder" not in run.stdout
+    asked = _backend("weights", "check", "--weights", str(copy), "--offline", "--pipelines", "texturing")
+    assert asked.returncode == 1 and "holds no texturing_pipeline.json" in asked.stderr
+
+
 def test_the_gated_dinov3_files_come_first() -> None:
     config = {"args": {"models": {"sparse_structure_flow_model": "ckpts/ss",
                                   "sparse_structure_decoder": "microsoft/TRELLIS-image-large/ckpts/ss_dec",
