@@ -12,7 +12,6 @@ Blender add-on's local mode read from here; `python -m backend keys` adds keypai
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from pathlib import Path
 from typing import Any
@@ -23,22 +22,6 @@ SERVER_NAME = "server"
 CLIENTS_DIR = "clients"
 CLIENT_SECRETS_DIR = "client-secrets"
 LOCAL_CLIENT = "local"  # the keypair of the programs on the server's own machine
-
-
-def is_local(endpoint: str) -> bool:
-    """True for endpoints only this machine can reach: loopback TCP, ipc:// and inproc://."""
-    scheme, _, rest = endpoint.partition("://")
-    if scheme in ("ipc", "inproc"):
-        return True
-    if scheme != "tcp":
-        return False
-    host = rest.rpartition(":")[0].strip("[]")
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # "*", interface names, host names: reachable from outside
-        return False
 
 
 def default_keys_dir() -> Path:

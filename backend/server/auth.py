@@ -20,6 +20,7 @@ after changing it); a refused client gets nothing at all, not even an error: Zer
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 import shutil
@@ -33,7 +34,7 @@ import zmq.auth
 from zmq.auth.thread import ThreadAuthenticator
 
 from protocol.keys import (CLIENT_SECRETS_DIR, CLIENTS_DIR, LOCAL_CLIENT, SERVER_NAME, client_secret_file,
-                           default_keys_dir, is_local)
+                           default_keys_dir)
 
 DEFAULT_CLIENT = "blender"
 _CLIENT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}")
@@ -48,6 +49,22 @@ class ServerKeys:
     public: bytes
     secret: bytes
     clients_dir: Path
+
+
+def is_local(endpoint: str) -> bool:
+    """True for endpoints only this machine can reach: loopback TCP, ipc:// and inproc://."""
+    scheme, _, rest = endpoint.partition("://")
+    if scheme in ("ipc", "inproc"):
+        return True
+    if scheme != "tcp":
+        return False
+    host = rest.rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # "*", interface names, host names: reachable from outside
+        return False
 
 
 def server_keys_for(bind: str, keys_dir: Path | None, auth: bool = True) -> ServerKeys | None:

@@ -12,7 +12,7 @@ from typing import Callable
 import zmq.auth
 
 from ..protocol import Client
-from ..protocol.keys import client_secret_file, default_keys_dir, is_local, server_key_file
+from ..protocol.keys import client_secret_file, default_keys_dir, server_key_file
 from .errors import AddonError
 
 HEARTBEAT_S = 0.5  # ping interval while waiting for the backend
@@ -54,25 +54,16 @@ class Connection:
     def _keys(self) -> tuple[bytes | None, tuple[bytes, bytes] | None]:
         """(server public key, (client public, client secret)) from the key text or files; (None, None): no CURVE."""
         hint = "Use the files written by `python -m backend keys`: server.key and client-secrets/NAME.key_secret."
-        text, client_key_file = self.server_key.strip(), self.client_key_file
-        if not text and not client_key_file and is_local(self.address):
-            text, client_key_file = _local_pair()  # a backend on this machine: the pair it made on first start
+        text = self.server_key.strip()
         server_key = _certificate(Path(text), hint)[0] if text and Path(text).is_file() else text.encode() or None
-        if not client_key_file:
+        if not self.client_key_file:
             return server_key, None
         if server_key is None:
             raise AddonError("A client key file is set but no server key", hint)
-        public, secret = _certificate(Path(client_key_file), hint)
+        public, secret = _certificate(Path(self.client_key_file), hint)
         if secret is None:
-            raise AddonError(f"{client_key_file} holds no secret key", hint)
+            raise AddonError(f"{self.client_key_file} holds no secret key", hint)
         return server_key, (public, secret)
-
-
-def _local_pair() -> tuple[str, str]:
-    """(server.key, local.key_secret) of this machine's key folder, or empty strings while they do not exist."""
-    folder = default_keys_dir()
-    server, secret = server_key_file(folder), client_secret_file(folder)
-    return (str(server), str(secret)) if server.is_file() and secret.is_file() else ("", "")
 
 
 def _certificate(path: Path, hint: str) -> tuple[bytes, bytes | None]:

@@ -264,21 +264,3 @@ def test_the_status_line_shows_the_queue_and_how_many_workers_serve():
     text = BackendStatus.from_info(info).text
     assert "3 job(s)" in text and "2 workers (1 busy)" in text
 
-
-def test_a_backend_on_this_machine_is_reached_with_the_local_keys(tmp_path, monkeypatch) -> None:
-    """No keys given and a loopback address: the pair the local backend made on its first start (a server on
-    loopback always asks for CURVE); another machine's backend gets no guessed keys."""
-    import zmq.auth
-
-    from protocol.keys import default_keys_dir
-
-    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
-    folder = default_keys_dir()
-    assert Connection("tcp://127.0.0.1:5555")._keys() == (None, None)  # no local keys made yet
-    (folder / "client-secrets").mkdir(parents=True)
-    zmq.auth.create_certificates(folder, "server")
-    zmq.auth.create_certificates(folder / "client-secrets", "local")
-    server_key, client_keys = Connection("tcp://127.0.0.1:5555")._keys()
-    assert server_key == zmq.auth.load_certificate(folder / "server.key")[0]
-    assert client_keys == zmq.auth.load_certificate(folder / "client-secrets" / "local.key_secret")
-    assert Connection("tcp://10.0.0.5:5555")._keys() == (None, None)

@@ -12,8 +12,7 @@ import threading
 import pytest
 import zmq
 
-from backend.server.auth import SecurityError, make_keys, register
-from protocol.keys import is_local
+from backend.server.auth import SecurityError, is_local, make_keys, register
 from backend.server.server import Server, ServerConfig, serve_command
 from protocol import (BackendUnreachable, Cancelled, Error, ErrorCode, Generate, ModelStatus, RemoteError,
                       Reprocess, Result)
